@@ -1,0 +1,285 @@
+"""`lowbit` command line: quantize, eval, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+
+def _bits(value: str) -> int:
+    try:
+        bits = float(value)
+    except ValueError:
+        raise LowbitError(f"--bits must be a number from 2 to 8, got {value!r}") from None
+    if bits != int(bits) or not 2 <= bits <= 8:
+        raise LowbitError(f"--bits must be a whole number from 2 to 8, got {value}; e.g. --bits 4")
+    return int(bits)
+
+
+def _group_size(value: str) -> int | None:
+    if value.lower() in ("channel", "per-channel", "none", "-1"):
+        return None
+    try:
+        gs = int(value)
+    except ValueError:
+        gs = 0
+    if gs <= 0:
+        raise LowbitError(f"--group-size must be a positive integer or 'channel', got {value!r}; e.g. --group-size 128")
+    return gs
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--quick", dest="protocol", action="store_const", const="quick", help="first 64 windows of 512 tokens (default)"
+    )
+    g.add_argument(
+        "--full", dest="protocol", action="store_const", const="full", help="every window of the evaluation text"
+    )
+    p.set_defaults(protocol="quick")
+    p.add_argument(
+        "--data", default="wikitext2", help="evaluation text: a named data set (wikitext2) or a .txt/.jsonl file"
+    )
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Quantize LLMs to a size you choose and measure what it cost.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write an artifact directory")
+    q.add_argument("model", help="HF model directory, .gguf file, hub id, or alias (smollm2-135m)")
+    q.add_argument("--bits", required=True, help="bits per code, 2..8")
+    q.add_argument(
+        "--group-size", default="128", help="inputs sharing one scale: a positive integer or 'channel' (default 128)"
+    )
+    q.add_argument("--sym", action="store_true", help="symmetric grid: no zero point stored")
+    q.add_argument("--method", default="rtn", help="solver (default rtn: round to nearest)")
+    q.add_argument(
+        "--clip-search", action="store_true", help="per group, search the range shrink that minimises squared error"
+    )
+    q.add_argument("--scale-dtype", default="float16", help="dtype of stored scales (default float16)")
+    q.add_argument(
+        "--storage-dtype",
+        default="float16",
+        help="dtype of unquantized tensors: embeddings, head, norms (default float16)",
+    )
+    q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument(
+        "--eval", action="store_true", help="evaluate against the float model before saving; results go in the manifest"
+    )
+    q.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the hub (off by default: it runs arbitrary code)",
+    )
+    q.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    _add_eval_options(q)
+
+    e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement of a model")
+    e.add_argument("model", help="lowbit artifact, HF model directory, .gguf file, hub id or alias")
+    e.add_argument("--reference", help="float model to compare with (default: an artifact's source)")
+    e.add_argument("--no-reference", action="store_true", help="perplexity only")
+    e.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    e.add_argument("--json", action="store_true", help="print results as JSON")
+    _add_eval_options(e)
+
+    i = sub.add_parser("inspect", help="show what an artifact holds: formats, bpw, sizes, results")
+    i.add_argument("artifact", help="artifact directory written by lowbit quantize")
+    i.add_argument("--layers", action="store_true", help="list every quantized layer")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return parser
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    line = f"perplexity {m['perplexity']:.3f}"
+    if "kld" in m:
+        line += f" | KLD {m['kld']:.4f} | top-1 agreement {m['top1_agreement']:.4f}"
+    if "reference_perplexity" in m:
+        line += f" | reference perplexity {m['reference_perplexity']:.3f}"
+    line += f" | {m['windows']} windows x {m['seqlen']} tokens ({m['protocol']}) on {m['data']}"
+    print(line)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.artifact import check_output_dir, save
+    from lowbit.eval import evaluate_windows, protocol_windows
+    from lowbit.eval.reference import cached_reference
+    from lowbit.formats import IntFormat
+    from lowbit.models import load_model
+    from lowbit.quantize import quantize
+
+    bits, group_size = _bits(args.bits), _group_size(args.group_size)
+    IntFormat(bits, group_size, args.sym, args.scale_dtype)  # validate before any slow work
+    check_output_dir(args.out, args.overwrite)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    windows = ref = None
+    if args.eval:
+        windows = protocol_windows(loaded.tokenizer, args.data, args.protocol, args.seqlen)
+        ref = cached_reference(loaded.source.fingerprint(), windows, lambda: loaded.model, args.batch_size)
+    t1 = time.perf_counter()
+    model = quantize(
+        loaded.model,
+        bits=bits,
+        group_size=group_size,
+        symmetric=args.sym,
+        method=args.method,
+        clip_search=args.clip_search,
+        scale_dtype=args.scale_dtype,
+        storage_dtype=args.storage_dtype,
+    )
+    info = model.lowbit_info
+    info.source = loaded.source.identity
+    info.stats = {"quantize_seconds": time.perf_counter() - t1, "peak_rss_mb": _peak_rss_mb()}
+    evaluation = None
+    if args.eval:
+        evaluation = evaluate_windows(model, windows, ref, args.batch_size, desc="quantized model")
+        evaluation.update({"data": args.data, "protocol": args.protocol})
+        ref_m = evaluate_windows(_HeadOnly(ref), windows, None, args.batch_size, progress=False)
+        evaluation["reference_perplexity"] = ref_m["perplexity"]
+    out = save(model, args.out, loaded.tokenizer, overwrite=args.overwrite, evaluation=evaluation)
+    manifest = json.loads((out / "lowbit_manifest.json").read_text())
+    summary = {
+        "out": str(out),
+        "format": info.settings["format"],
+        "bits_per_weight": info.bits_per_weight,
+        "artifact_bytes": manifest["sizes"]["artifact_bytes"],
+        "fp16_bytes": manifest["sizes"]["fp16_bytes"],
+        "seconds": time.perf_counter() - t0,
+        "quantize_seconds": info.stats["quantize_seconds"],
+        "peak_rss_mb": _peak_rss_mb(),
+        "evaluation": evaluation,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(
+        f"wrote {out}: {len(info.layers)} layers at {info.bits_per_weight:.4f} bpw, "
+        f"{summary['artifact_bytes'] / 1e6:.1f} MB (16-bit: {summary['fp16_bytes'] / 1e6:.1f} MB)"
+    )
+    if evaluation:
+        _print_metrics(evaluation)
+    return 0
+
+
+class _HeadOnly:
+    """Lets the reference cache be scored like a model (perplexity of the float model)."""
+
+    def __init__(self, ref) -> None:
+        self.ref, self.pos = ref, 0
+
+    def __call__(self, batch, use_cache=False):
+        from types import SimpleNamespace
+
+        logits = self.ref.logits(slice(self.pos, self.pos + len(batch)))
+        self.pos += len(batch)
+        return SimpleNamespace(logits=logits)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.eval import evaluate
+    from lowbit.models import load_model, resolve_model_source
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise LowbitError(f"{args.model} has no tokenizer files; re-create the artifact with lowbit quantize")
+    reference = None if args.no_reference else args.reference
+    manifest = getattr(loaded.model, "lowbit_manifest", None)
+    if reference is None and not args.no_reference and manifest and manifest.get("source"):
+        try:
+            resolve_model_source(manifest["source"])
+            reference = manifest["source"]
+        except LowbitError:
+            print(f"note: source model {manifest['source']} not found; perplexity only", file=sys.stderr)
+    result = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        reference=reference,
+        data=args.data,
+        protocol=args.protocol,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+    )
+    result["model"] = args.model
+    result["reference"] = reference
+    if manifest:
+        result["bits_per_weight"] = manifest["bits_per_weight"]
+        result["artifact_bytes"] = manifest["sizes"]["artifact_bytes"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_metrics(result)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowbit.artifact import read_manifest
+
+    m = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    fmt = m["settings"]["format"]
+    sizes = m["sizes"]
+    print(f"artifact     {args.artifact}")
+    print(f"source       {m.get('source')}  ({m['model_type']})")
+    print(f"method       {m['method']}  clip search: {m['settings'].get('clip_search', False)}")
+    print(f"format       {fmt}")
+    print(
+        f"bpw          {m['bits_per_weight']:.4f} over {m['quantized_weights']:,} quantized weights "
+        f"in {len(m['layers'])} layers"
+    )
+    print(f"size         {sizes['artifact_bytes']:,} bytes on disk; 16-bit model: {sizes['fp16_bytes']:,}")
+    kept = sorted({n.rsplit(".", 1)[0] for n in m["unquantized"]})
+    print(
+        f"unquantized  {len(m['unquantized'])} tensors in {m['storage_dtype']} "
+        f"(e.g. {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''})"
+    )
+    if m.get("stats"):
+        print(f"stats        {m['stats']}")
+    if m.get("evaluation"):
+        _print_metrics(m["evaluation"])
+    if args.layers:
+        print(f"\n{'layer':48s} {'format':18s} {'bpw':>7s} {'weight rel. MSE':>16s}")
+        for name, layer in m["layers"].items():
+            from lowbit.formats import format_from_dict
+
+            f = format_from_dict(layer["format"])
+            print(f"{name:48s} {f.name:18s} {layer['bpw']:7.4f} {layer['weight_rel_mse']:16.3e}")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

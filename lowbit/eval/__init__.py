@@ -1,0 +1,12 @@
+from lowbit.eval.metrics import evaluate, evaluate_windows, protocol_windows, resolve_reference
+from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference
+
+__all__ = [
+    "ReferenceCache",
+    "build_reference",
+    "cached_reference",
+    "evaluate",
+    "evaluate_windows",
+    "protocol_windows",
+    "resolve_reference",
+]

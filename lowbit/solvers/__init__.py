@@ -1,0 +1,5 @@
+from lowbit.solvers.rtn import rtn_quantize
+
+SOLVERS = {"rtn": rtn_quantize}
+
+__all__ = ["SOLVERS", "rtn_quantize"]
