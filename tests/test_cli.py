@@ -1,0 +1,163 @@
+"""The command line, including one test per bad input the foundation issue lists."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from lowbit.cli import main
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, pattern):
+    import re
+
+    assert code != 0
+    # progress bars (tqdm, from model loading) may precede the error; nothing else may
+    lines = [line for line in err.strip().splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lowbit: error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_quantize_eval_inspect_end_to_end(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "q"
+    code, stdout, _ = run(
+        capsys,
+        "quantize",
+        tiny_model_dir,
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--out",
+        out,
+        "--eval",
+        "--data",
+        text_file,
+        "--seqlen",
+        "64",
+        "--json",
+    )
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["bits_per_weight"] == pytest.approx(4 + 2 * 20 / 64, rel=0.05)
+    ev = summary["evaluation"]
+    assert ev["kld"] > 0 and 0 < ev["top1_agreement"] <= 1 and ev["reference_perplexity"] > 1
+
+    code, stdout, _ = run(capsys, "eval", out, "--data", text_file, "--seqlen", "64", "--json")
+    assert code == 0
+    again = json.loads(stdout)
+    # the artifact's source is found and used as the reference: same numbers as at quantize time
+    assert again["reference"] == str(tiny_model_dir.resolve())
+    assert again["kld"] == pytest.approx(ev["kld"], rel=1e-5)
+    assert again["perplexity"] == pytest.approx(ev["perplexity"], rel=1e-5)
+
+    code, stdout, _ = run(capsys, "inspect", out, "--json")
+    m = json.loads(stdout)
+    assert code == 0 and m["evaluation"]["kld"] == pytest.approx(ev["kld"])
+    code, stdout, _ = run(capsys, "inspect", out, "--layers")
+    assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "int4-g32-asym" in stdout
+
+
+def test_eval_float_model_perplexity_only(capsys, tiny_model_dir, text_file):
+    code, stdout, _ = run(capsys, "eval", tiny_model_dir, "--data", text_file, "--seqlen", "64", "--json")
+    res = json.loads(stdout)
+    assert code == 0 and res["perplexity"] > 1 and "kld" not in res
+
+
+def test_help_explains_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--bits", "--group-size", "--sym", "--out", "--overwrite", "--clip-search"):
+        assert option in out
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", tmp_path / "no-such-model", "--bits", "4", "--out", tmp_path / "o")
+    one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_directory_that_is_not_a_model(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "quantize", tmp_path / "empty", "--bits", "4", "--out", tmp_path / "o")
+    one_line_error(code, err, "not a model directory")
+
+
+def test_unsupported_architecture(capsys, tmp_path, tiny_tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt_neox", vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "neox")
+    code, _, err = run(capsys, "quantize", tmp_path / "neox", "--bits", "4", "--out", tmp_path / "o")
+    one_line_error(code, err, "'gpt_neox' is not supported; supported: .*llama.*qwen2")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bits", ["1", "9", "3.5", "four"])
+def test_bits_outside_range(capsys, tmp_path, tiny_model_dir, bits):
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", bits, "--out", tmp_path / "o")
+    one_line_error(code, err, "--bits must be")
+
+
+@pytest.mark.parametrize("gs", ["0", "-3", "abc", "1.5"])
+def test_bad_group_size(capsys, tmp_path, tiny_model_dir, gs):
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--group-size", gs, "--out", tmp_path / "o")
+    one_line_error(code, err, "--group-size must be a positive integer")
+
+
+def test_missing_data_set(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(tmp_path / "nowhere"))
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--out", tmp_path / "o", "--eval")
+    one_line_error(code, err, "LOWBIT_DATA_DIR=.*not a directory")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(tmp_path))
+    code, _, err = run(capsys, "eval", tiny_model_dir)
+    one_line_error(code, err, "data set 'wikitext2' not found")
+
+
+def test_evaluation_text_shorter_than_a_window(capsys, tmp_path, tiny_model_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code, _, err = run(capsys, "eval", tiny_model_dir, "--data", short)
+    one_line_error(code, err, "fewer than one window of 512")
+
+
+def test_corrupt_artifact(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", tiny_model_dir, "--bits", "3", "--out", out)[0] == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    code, _, err = run(capsys, "eval", out, "--no-reference")
+    one_line_error(code, err, "corrupt or truncated \\(checksum mismatch\\)")
+
+
+def test_existing_output_directory(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    out.mkdir()
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--out", out)
+    one_line_error(code, err, "already exists; pass --overwrite")
+    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--out", out, "--overwrite")
+    assert code == 0 and "wrote" in stdout and (out / "lowbit_manifest.json").is_file()
+
+
+def test_nan_weight(capsys, tmp_path, tiny_tokenizer):
+    model = make_tiny_model("qwen2")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    code, _, err = run(capsys, "quantize", tmp_path / "m", "--bits", "4", "--out", tmp_path / "o")
+    one_line_error(code, err, r"model\.layers\.0\.self_attn\.k_proj\.weight contains NaN or Inf")
+    assert not (tmp_path / "o").exists()
