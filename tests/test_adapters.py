@@ -45,7 +45,10 @@ def test_adapter_names_every_block_linear_in_execution_order(arch):
     # linears in one group read the same input
     for group in adapter.linear_groups:
         inputs = []
-        hooks = [block.get_submodule(n).register_forward_hook(lambda _m, a, _o: inputs.append(a[0])) for n in group]
+        hooks = [
+            block.get_submodule(n).register_forward_hook(lambda _m, a, _o, seen=inputs: seen.append(a[0]))
+            for n in group
+        ]
         with torch.no_grad():
             model(torch.randint(0, 256, (1, 8)))
         for h in hooks:

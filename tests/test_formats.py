@@ -59,7 +59,7 @@ def test_packed_bytes_match_accounting():
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_rtn_error_within_half_a_step(bits, symmetric):
     fmt = IntFormat(bits, 64, symmetric=symmetric)
-    w = torch.randn(16, 200)
+    w = torch.randn(16, 200, generator=torch.Generator().manual_seed(bits))
     qt = fmt.quantize_tensor(w)
     assert qt.codes.max() <= fmt.maxq
     deq = qt.dequantize()
@@ -69,6 +69,16 @@ def test_rtn_error_within_half_a_step(bits, symmetric):
     # by up to one more step; everything inside the grid is within half a step
     assert (err <= scale * 1.5 + 1e-5).all()
     assert (err <= scale * 0.5 + 1e-5).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_one_signed_group_is_not_clipped(sign):
+    # every weight of the group on one side of zero: the zero point must still fit the grid
+    fmt = IntFormat(4, 8)
+    w = sign * (1.0 + 0.1 * torch.rand(3, 8, generator=torch.Generator().manual_seed(0)))
+    qt = fmt.quantize_tensor(w)
+    step = qt.scales.float().abs().max().item()
+    assert (qt.dequantize() - w).abs().max().item() <= 0.5 * step + 1e-6
 
 
 def test_more_bits_less_error():

@@ -113,11 +113,10 @@ class IntFormat:
             zero = torch.full_like(scale, float(half))
             return scale, zero
         inf = torch.tensor(float("inf"), device=w.device)
-        xmin = torch.where(mask, w, inf).amin(dim=-1, keepdim=True) * clip
-        xmax = torch.where(mask, w, -inf).amax(dim=-1, keepdim=True) * clip
-        flat = xmax == xmin
-        xmin = torch.where(flat, torch.minimum(xmin, torch.zeros_like(xmin)), xmin)
-        xmax = torch.where(flat, torch.maximum(xmax, torch.zeros_like(xmax)), xmax)
+        # the range always contains 0, so the integer zero point lies on the grid even
+        # for a group whose weights all share one sign (common in small or partial groups)
+        xmin = torch.where(mask, w, inf).amin(dim=-1, keepdim=True).clamp(max=0) * clip
+        xmax = torch.where(mask, w, -inf).amax(dim=-1, keepdim=True).clamp(min=0) * clip
         scale = self._round_scale((xmax - xmin) / self.maxq)
         zero = torch.clamp(torch.round(-xmin / scale), 0, self.maxq)
         return scale, zero
@@ -207,10 +206,13 @@ def dequantize_codes(
     in_features: int,
 ) -> torch.Tensor:
     """float32 weight [out, in] from codes [out, in] and per-group parameters [out, G]."""
+    out = codes.shape[0]
     gs = fmt.group_len(in_features)
-    s = scales.float().repeat_interleave(gs, dim=1)[:, :in_features]
-    if zeros is None:
-        z = float(1 << (fmt.bits - 1))
-    else:
-        z = zeros.float().repeat_interleave(gs, dim=1)[:, :in_features]
-    return (codes.float() - z) * s
+    ng = scales.shape[1]
+    c = codes if codes.dtype == torch.float32 else codes.float()
+    if ng * gs != in_features:
+        c = torch.nn.functional.pad(c, (0, ng * gs - in_features))
+    c = c.view(out, ng, gs)
+    z = float(1 << (fmt.bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
+    w = (c - z) * scales.float().unsqueeze(-1)
+    return w.view(out, ng * gs)[:, :in_features]

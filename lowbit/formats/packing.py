@@ -44,13 +44,34 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.int32)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: int32 [rows, words] -> uint8 [rows, n]."""
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    p = torch.cat([p, torch.zeros_like(p[:, :1])], dim=1)
-    word, shift = _positions(n, bits, packed.device)
-    val = p[:, word] >> shift
-    spill = shift + bits > _WORD
-    if spill.any():
-        val[:, spill] |= p[:, word[spill] + 1] << (_WORD - shift[spill])
-    return (val & ((1 << bits) - 1)).to(torch.uint8)
+def _chunk_tables(bits: int, device: torch.device):
+    """Where each of the 32 codes of a chunk (exactly `bits` words) lives."""
+    off = torch.arange(_WORD, dtype=torch.int64) * bits
+    word, shift = off // _WORD, off % _WORD
+    nxt = torch.clamp(word + 1, max=bits - 1)
+    # bits shifted in from the next word; a shift of 31 for codes that do not spill puts
+    # them above the code's width, where the final mask drops them
+    up = torch.where(shift + bits > _WORD, _WORD - shift, torch.full_like(shift, 31))
+    low_mask = torch.where(shift == 0, torch.full_like(shift, -1), (1 << (_WORD - shift)) - 1)
+    as32 = lambda t: t.to(torch.int32).to(device)  # noqa: E731
+    return word.to(device), nxt.to(device), as32(shift), as32(up), as32(low_mask)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of `pack_codes`: int32 [rows, words] -> codes [rows, n] (uint8 unless `dtype`).
+
+    Works on chunks of 32 codes, which fill exactly `bits` words, so every
+    index table has 32 entries whatever the row length; all arithmetic is int32.
+    """
+    rows = packed.shape[0]
+    chunks = (n + _WORD - 1) // _WORD
+    need = chunks * bits
+    p = packed
+    if p.shape[1] < need:
+        p = torch.nn.functional.pad(p, (0, need - p.shape[1]))
+    p = p[:, :need].reshape(rows, chunks, bits)
+    word, nxt, shift, up, low_mask = _chunk_tables(bits, packed.device)
+    low = (p[:, :, word] >> shift) & low_mask
+    high = p[:, :, nxt] << up
+    val = (low | high) & ((1 << bits) - 1)
+    return val.reshape(rows, chunks * _WORD)[:, :n].to(dtype)

@@ -57,7 +57,7 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
-        codes = unpack_codes(self.qweight, self.fmt.bits, self.in_features)
+        codes = unpack_codes(self.qweight, self.fmt.bits, self.in_features, dtype=torch.float32)
         zeros = None
         if self.qzeros is not None:
             zeros = unpack_codes(self.qzeros, self.fmt.bits, self.fmt.num_groups(self.in_features))
