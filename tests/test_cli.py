@@ -1,6 +1,7 @@
 """The command line, including one test per bad input the foundation issue lists."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,18 @@ def test_nan_weight(capsys, tmp_path, tiny_tokenizer):
     code, _, err = run(capsys, "quantize", tmp_path / "m", "--bits", "4", "--out", tmp_path / "o")
     one_line_error(code, err, r"model\.layers\.0\.self_attn\.k_proj\.weight contains NaN or Inf")
     assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_that_cannot_be_reached_fails_in_one_line(tmp_path):
+    """Through the installed entry point, offline: the hub path reports what went wrong."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("lowbit") or str(Path(sys.executable).with_name("lowbit"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([exe, "eval", "someorg/no-such-model"], capture_output=True, text=True, env=env)
+    one_line_error(
+        proc.returncode, proc.stderr, "could not load model 'someorg/no-such-model' from the Hugging Face hub"
+    )
