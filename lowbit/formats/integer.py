@@ -100,7 +100,7 @@ class IntFormat:
         self, w: torch.Tensor, mask: torch.Tensor | None = None, clip: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for each group of `w` [..., gs] (shapes [..., 1])."""
-        w = w.float()
+        w = _compute_dtype(w)
         if mask is None:
             mask = torch.ones_like(w, dtype=torch.bool)
         if self.symmetric:
@@ -123,10 +123,22 @@ class IntFormat:
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes (as float, integral values in [0, maxq]) for `w` under (scale, zero)."""
-        return torch.clamp(torch.round(w.float() / scale) + zero, 0, self.maxq)
+        return torch.clamp(torch.round(_compute_dtype(w) / scale) + zero, 0, self.maxq)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return (q - zero) * scale
+
+    def assemble(self, codes: torch.Tensor, params: list[tuple[torch.Tensor, torch.Tensor]]) -> QuantizedTensor:
+        """A QuantizedTensor from codes [out, in] and each group's (scale, zero), [out, 1] each."""
+        scales = torch.cat([p[0] for p in params], dim=1)
+        zeros = torch.cat([p[1] for p in params], dim=1)
+        return QuantizedTensor(
+            fmt=self,
+            shape=tuple(codes.shape),
+            codes=codes.round().to(torch.uint8),
+            scales=scales.to(SCALE_DTYPES[self.scale_dtype]),
+            zeros=None if self.symmetric else zeros.round().to(torch.uint8),
+        )
 
     # ---- whole tensors ------------------------------------------------------
     def quantize_tensor(
@@ -167,6 +179,10 @@ class IntFormat:
     def _group_error(self, w3, mask, scale, zero) -> torch.Tensor:
         err = (self.dequantize(self.quantize(w3, scale, zero), scale, zero) - w3) ** 2
         return (err * mask).sum(dim=-1, keepdim=True)
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.Tensor:
+    return w if w.dtype == torch.float64 else w.float()
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""GPTQ: quantize a layer column by column, pushing each column's rounding error onto
+the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+Written against the format interface (fit / quantize / dequantize / assemble), so
+it works for every format in the registry, not only integer grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats import Format, QuantizedTensor
+
+
+class HessianError(LowbitError):
+    pass
+
+
+@dataclass
+class GPTQResult:
+    qt: QuantizedTensor
+    damp: float  # relative damping finally used (fraction of mean diag(H))
+    error: float  # tr(dW H dWᵀ) / tr(W H Wᵀ): Hessian-weighted output error, normalised
+
+
+def hessian_weighted_error(dw: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(dW H dWᵀ): the output error ||dW X||² summed over calibration inputs (up to 2/n)."""
+    return ((dw @ h) * dw).sum().item()
+
+
+def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    h = h.to(torch.float64)
+    w, q = w.to(torch.float64), q.to(torch.float64)
+    return hessian_weighted_error(w - q, h) / max(hessian_weighted_error(w, h), 1e-300)
+
+
+def inverse_hessian_factor(
+    h: torch.Tensor, percdamp: float, max_percdamp: float = 1.0, name: str = "layer"
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹; λ grows tenfold until the factorization succeeds."""
+    mean_diag = torch.diag(h).mean().item()
+    damp = percdamp
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    while True:
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        if damp >= max_percdamp:
+            raise HessianError(
+                f"the Hessian of {name} is not positive definite even with damping {damp:g}; "
+                "use more (or more varied) calibration data"
+            )
+        damp = min(damp * 10, max_percdamp)
+
+
+def _blocks(n: int, group_len: int, block_size: int, grouped: bool) -> list[tuple[int, int]]:
+    """Column blocks; when groups are fitted on the fly, every group starts a block."""
+    if not grouped:
+        return [(i, min(i + block_size, n)) for i in range(0, n, block_size)]
+    out = []
+    for g0 in range(0, n, group_len):
+        g1 = min(g0 + group_len, n)
+        out += [(i, min(i + block_size, g1)) for i in range(g0, g1, block_size)]
+    return out
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: Format,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    max_percdamp: float = 1.0,
+    name: str = "layer",
+) -> GPTQResult:
+    """Quantize `weight` [out, in] given H = 2XXᵀ/n [in, in] of its calibration inputs.
+
+    Without act-order, a group's parameters are fitted when its first column is
+    reached, on the error-updated weights. With act-order, columns go in order of
+    decreasing diag(H) and group parameters are fitted up front on the original
+    weights ("static groups"), so codes stay in the original layout.
+    """
+    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(dtype).clone()
+    h = hessian.detach().to(dtype).clone()
+    out, n = w.shape
+    if h.shape != (n, n):
+        raise ValueError(f"Hessian of {name} has shape {tuple(h.shape)}, expected {(n, n)}")
+    h_orig = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    gl, ng = fmt.group_len(n), fmt.num_groups(n)
+    params: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ng
+    perm = None
+    if act_order:
+        w3, mask = fmt.to_groups(w)
+        scale, zero = fmt.fit(w3, mask)
+        params = [(scale[:, g], zero[:, g]) for g in range(ng)]
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    upper, damp = inverse_hessian_factor(h, percdamp, max_percdamp, name)
+
+    codes = torch.zeros_like(w)
+    deq = torch.zeros_like(w)
+    group_of = (perm if perm is not None else torch.arange(n)) // gl
+    for i1, i2 in _blocks(n, gl, block_size, grouped=not act_order):
+        if not act_order and i1 % gl == 0:
+            params[i1 // gl] = fmt.fit(w[:, i1 : min(i1 + gl, n)])
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            scale, zero = params[int(group_of[i1 + i])]
+            col = w1[:, i : i + 1]
+            q = fmt.quantize(col, scale, zero)
+            dq = fmt.dequantize(q, scale, zero)
+            codes[:, i1 + i : i1 + i + 1] = q
+            deq[:, i1 + i : i1 + i + 1] = dq
+            e = (col - dq) / u1[i, i]
+            w1[:, i:] -= e @ u1[i : i + 1, i:]
+            err1[:, i : i + 1] = e
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, deq = codes[:, inv], deq[:, inv]
+    qt = fmt.assemble(codes, params)
+    return GPTQResult(qt, damp, relative_output_error(weight, deq, h_orig))
