@@ -41,7 +41,7 @@ def inverse_hessian_factor(
     h: torch.Tensor, percdamp: float, max_percdamp: float = 1.0, name: str = "layer"
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹; λ grows tenfold until the factorization succeeds."""
-    mean_diag = torch.diag(h).mean().item()
+    mean_diag = torch.diag(h).mean().item() or 1.0
     damp = percdamp
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     while True:
@@ -56,7 +56,8 @@ def inverse_hessian_factor(
                 f"the Hessian of {name} is not positive definite even with damping {damp:g}; "
                 "use more (or more varied) calibration data"
             )
-        damp = min(damp * 10, max_percdamp)
+        # Start escalating from 1e-4 when no damping was asked for (10 x 0 would loop forever).
+        damp = min(max(damp * 10, 1e-4), max_percdamp)
 
 
 def _blocks(n: int, group_len: int, block_size: int, grouped: bool) -> list[tuple[int, int]]:
