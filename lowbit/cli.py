@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
@@ -33,13 +35,29 @@ def _group_size(value: str) -> int | None:
     return gs
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return n
+
+
+def resume_dir(out: str) -> Path:
+    """Where an interrupted gptq run keeps its finished blocks: a hidden sibling of --out."""
+    out_path = Path(out).expanduser().resolve()
+    return out_path.parent / f".{out_path.name}.lowbit-resume"
+
+
 def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
+def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen") -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--quick", dest="protocol", action="store_const", const="quick", help="first 64 windows of 512 tokens (default)"
@@ -51,8 +69,10 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default="wikitext2", help="evaluation text: a named data set (wikitext2) or a .txt/.jsonl file"
     )
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument(
+        seqlen_flag, dest="eval_seqlen", type=int, default=512, help="tokens per evaluation window (default 512)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="evaluation windows per forward pass (default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-size", default="128", help="inputs sharing one scale: a positive integer or 'channel' (default 128)"
     )
     q.add_argument("--sym", action="store_true", help="symmetric grid: no zero point stored")
-    q.add_argument("--method", default="rtn", help="solver (default rtn: round to nearest)")
     q.add_argument(
-        "--clip-search", action="store_true", help="per group, search the range shrink that minimises squared error"
+        "--method",
+        default="gptq",
+        choices=["gptq", "rtn"],
+        help="gptq (default): second-order error compensation on calibration data; rtn: round to nearest, no data",
+    )
+    q.add_argument(
+        "--clip-search", action="store_true", help="rtn only: per group, the range shrink that minimises squared error"
+    )
+    c = q.add_argument_group("calibration (gptq)")
+    c.add_argument("--calib", default="c4", help="calibration text: a named data set (c4, wikipedia) or a .txt/.jsonl")
+    c.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal (0.01)")
+    c.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="solve columns by decreasing Hessian diagonal, group scales fitted up front (default on)",
+    )
+    c.add_argument(
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibrate o_proj and the MLP on the outputs of the already quantized layers before them "
+        "(default on; off: one Hessian pass per block on float inputs, faster)",
+    )
+    c.add_argument("--calib-batch-size", type=_positive_int, default=8, help="windows per block forward (default 8)")
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted gptq run from the state kept next to --out (same settings required)",
     )
     q.add_argument("--scale-dtype", default="float16", help="dtype of stored scales (default float16)")
     q.add_argument(
@@ -90,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow model code from the hub (off by default: it runs arbitrary code)",
     )
     q.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    _add_eval_options(q)
+    _add_eval_options(q, seqlen_flag="--eval-seqlen")
 
     e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement of a model")
     e.add_argument("model", help="lowbit artifact, HF model directory, .gguf file, hub id or alias")
@@ -123,17 +172,34 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.eval.reference import cached_reference
     from lowbit.formats import IntFormat
     from lowbit.models import load_model
+    from lowbit.pipeline import GPTQSettings
     from lowbit.quantize import quantize
 
     bits, group_size = _bits(args.bits), _group_size(args.group_size)
     IntFormat(bits, group_size, args.sym, args.scale_dtype)  # validate before any slow work
     check_output_dir(args.out, args.overwrite)
+    ckpt_dir = resume_dir(args.out) if args.method == "gptq" else None
+    if ckpt_dir is not None and ckpt_dir.exists() and not args.resume:
+        if not args.overwrite:
+            raise LowbitError(
+                f"an interrupted run left its finished blocks in {ckpt_dir}; "
+                "pass --resume to continue it, or --overwrite to start over"
+            )
+        shutil.rmtree(ckpt_dir)
+    if args.resume and (ckpt_dir is None or not (ckpt_dir / "state.json").is_file()):
+        print("note: nothing to resume; starting from the first block", file=sys.stderr)
     t0 = time.perf_counter()
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     windows = ref = None
     if args.eval:
-        windows = protocol_windows(loaded.tokenizer, args.data, args.protocol, args.seqlen)
+        windows = protocol_windows(loaded.tokenizer, args.data, args.protocol, args.eval_seqlen)
         ref = cached_reference(loaded.source.fingerprint(), windows, lambda: loaded.model, args.batch_size)
+    gptq = GPTQSettings(
+        percdamp=args.damp,
+        act_order=args.act_order,
+        true_sequential=args.true_sequential,
+        batch_size=args.calib_batch_size,
+    )
     t1 = time.perf_counter()
     model = quantize(
         loaded.model,
@@ -144,16 +210,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         clip_search=args.clip_search,
         scale_dtype=args.scale_dtype,
         storage_dtype=args.storage_dtype,
+        tokenizer=loaded.tokenizer,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        gptq=gptq,
+        checkpoint_dir=ckpt_dir,
+        resume=args.resume,
     )
     info = model.lowbit_info
     info.source = loaded.source.identity
-    info.stats = {"quantize_seconds": time.perf_counter() - t1, "peak_rss_mb": _peak_rss_mb()}
+    info.stats.update({"quantize_seconds": time.perf_counter() - t1, "peak_rss_mb": _peak_rss_mb()})
     evaluation = None
     if args.eval:
         evaluation = evaluate_windows(model, windows, ref, args.batch_size, desc="quantized model")
         evaluation.update({"data": args.data, "protocol": args.protocol})
         evaluation["reference_perplexity"] = reference_perplexity(ref, windows, args.batch_size)
     out = save(model, args.out, loaded.tokenizer, overwrite=args.overwrite, evaluation=evaluation)
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     manifest = json.loads((out / "lowbit_manifest.json").read_text())
     summary = {
         "out": str(out),
@@ -164,6 +239,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - t0,
         "quantize_seconds": info.stats["quantize_seconds"],
         "peak_rss_mb": _peak_rss_mb(),
+        "pipeline": info.stats.get("pipeline"),
         "evaluation": evaluation,
     }
     if args.json:
@@ -199,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference=reference,
         data=args.data,
         protocol=args.protocol,
-        seqlen=args.seqlen,
+        seqlen=args.eval_seqlen,
         batch_size=args.batch_size,
     )
     result["model"] = args.model
@@ -225,7 +301,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sizes = m["sizes"]
     print(f"artifact     {args.artifact}")
     print(f"source       {m.get('source')}  ({m['model_type']})")
-    print(f"method       {m['method']}  clip search: {m['settings'].get('clip_search', False)}")
+    settings = m["settings"]
+    if m["method"] == "gptq":
+        g = settings.get("gptq", {})
+        detail = (
+            f"calibration {settings.get('calibration')} {settings.get('nsamples')} x {settings.get('seqlen')}, "
+            f"damp {g.get('percdamp')}, act-order {g.get('act_order')}, true-sequential {g.get('true_sequential')}"
+        )
+    else:
+        detail = f"clip search: {settings.get('clip_search', False)}"
+    print(f"method       {m['method']}  {detail}")
     print(f"format       {fmt}")
     print(
         f"bpw          {m['bits_per_weight']:.4f} over {m['quantized_weights']:,} quantized weights "
@@ -237,17 +322,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"unquantized  {len(m['unquantized'])} tensors in {m['storage_dtype']} "
         f"(e.g. {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''})"
     )
-    if m.get("stats"):
-        print(f"stats        {m['stats']}")
+    stats = m.get("stats") or {}
+    if "quantize_seconds" in stats:
+        line = f"{stats['quantize_seconds']:.1f} s"
+        if "peak_rss_mb" in stats:
+            line += f", peak memory {stats['peak_rss_mb']:.0f} MB"
+        p = stats.get("pipeline")
+        if p:
+            line += (
+                f" (block forwards {p['forward']:.1f} s, Hessians {p['hessian']:.1f} s, solver {p['solve']:.1f} s, "
+                f"checkpoints {p['checkpoint']:.1f} s; {p['calibration_tokens']:,} calibration tokens)"
+            )
+        print(f"time         {line}")
+    errors = [layer["output_error"] for layer in m["layers"].values() if "output_error" in layer]
+    if errors:
+        worst = max(m["layers"], key=lambda n: m["layers"][n].get("output_error", -1.0))
+        print(
+            f"layer error  mean {sum(errors) / len(errors):.4f}, worst {max(errors):.4f} ({worst}); "
+            "relative Hessian-weighted output error tr(dW H dWᵀ)/tr(W H Wᵀ)"
+        )
     if m.get("evaluation"):
         _print_metrics(m["evaluation"])
     if args.layers:
-        print(f"\n{'layer':48s} {'format':18s} {'bpw':>7s} {'weight rel. MSE':>16s}")
-        for name, layer in m["layers"].items():
-            from lowbit.formats import format_from_dict
+        from lowbit.formats import format_from_dict
 
+        print(f"\n{'layer':48s} {'format':18s} {'bpw':>7s} {'output error':>13s} {'weight rel. MSE':>16s}")
+        for name, layer in m["layers"].items():
             f = format_from_dict(layer["format"])
-            print(f"{name:48s} {f.name:18s} {layer['bpw']:7.4f} {layer['weight_rel_mse']:16.3e}")
+            out_err = f"{layer['output_error']:13.3e}" if "output_error" in layer else f"{'-':>13s}"
+            w_err = f"{layer['weight_rel_mse']:16.3e}" if "weight_rel_mse" in layer else f"{'-':>16s}"
+            print(f"{name:48s} {f.name:18s} {layer['bpw']:7.4f} {out_err} {w_err}")
     return 0
 
 
@@ -262,7 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        kept = ""
+        if args.command == "quantize" and getattr(args, "method", None) == "gptq":
+            ckpt = resume_dir(args.out)
+            if (ckpt / "state.json").is_file():
+                kept = f"; finished blocks are kept in {ckpt}: rerun with --resume to continue"
+        print(f"lowbit: interrupted; no artifact was written{kept}", file=sys.stderr)
         return 130
 
 

@@ -30,3 +30,11 @@ class ArtifactError(LowbitError):
 
 class NonFiniteWeightError(LowbitError):
     pass
+
+
+class NonFiniteActivationError(LowbitError):
+    pass
+
+
+class CheckpointError(LowbitError):
+    pass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -9,12 +12,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.errors import LowbitError, NonFiniteWeightError
-from lowbit.formats import IntFormat
+from lowbit.data import calibration_windows, load_text, tokenize
+from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
+from lowbit.formats import Format, IntFormat, QuantizedTensor
 from lowbit.formats.integer import SCALE_DTYPES
 from lowbit.models.adapters import get_adapter, linear_weight, quantizable_linears
+from lowbit.pipeline import Checkpoint, GPTQSettings, checkpoint_key, gptq_pipeline
 from lowbit.runtime import QuantizedLinear
-from lowbit.solvers import SOLVERS
+from lowbit.solvers import rtn_quantize
+
+METHODS = ("gptq", "rtn")
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -59,25 +66,67 @@ def check_finite(model: nn.Module) -> None:
             )
 
 
+def _layer_record(fmt: Format, qt: QuantizedTensor) -> dict[str, Any]:
+    out, n = qt.shape
+    return {
+        "format": fmt.to_dict(),
+        "shape": [out, n],
+        "numel": out * n,
+        "storage_bits": fmt.storage_bits(out, n),
+        "bpw": fmt.bits_per_weight(out, n),
+    }
+
+
+def calibration_data(
+    tokenizer, calib: str | torch.Tensor = "c4", nsamples: int = 128, seqlen: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """Calibration windows [nsamples, seqlen] from a named data set or file, as protocol.md samples them."""
+    if isinstance(calib, torch.Tensor):
+        return calib.long()
+    if tokenizer is None:
+        raise LowbitError("GPTQ needs calibration text: pass tokenizer= (with calib=...) or calib=<token windows>")
+    tokens = tokenize(tokenizer, load_text(calib))
+    if tokens.numel() < nsamples * seqlen:
+        raise DataError(
+            f"calibration text {calib!r} has {tokens.numel()} tokens, fewer than the {nsamples} x {seqlen} = "
+            f"{nsamples * seqlen} requested; give more text or lower --nsamples/--seqlen"
+        )
+    return calibration_windows(tokens, nsamples, seqlen, seed)
+
+
 def quantize(
     model: nn.Module,
     bits: int = 4,
     group_size: int | None = 128,
     symmetric: bool = False,
-    method: str = "rtn",
+    method: str = "gptq",
     clip_search: bool = False,
     scale_dtype: str = "float16",
     storage_dtype: str = "float16",
     progress: bool = True,
+    *,
+    tokenizer: Any = None,
+    calib: str | torch.Tensor = "c4",
+    nsamples: int = 128,
+    seqlen: int = 512,
+    gptq: GPTQSettings | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    on_block_done: Callable[[int], None] | None = None,
 ) -> nn.Module:
     """Quantize every decoder-block linear of `model` in place; returns the model.
 
+    method "gptq" (default) calibrates on `calib` (a data set name or file read
+    with `tokenizer`, or ready token windows) block by block; with `checkpoint_dir`
+    it persists every finished block there, and `resume=True` continues from it.
+    method "rtn" rounds each weight to the nearest grid point, no data needed.
+
     Embeddings, the output head and norms stay unquantized but are stored (and,
-    so that a reloaded artifact computes exactly the same logits, rounded) in
-    `storage_dtype`. The record of what was done is `model.lowbit_info`.
+    so that a reloaded artifact computes exactly the same logits, rounded first)
+    in `storage_dtype`. The record of what was done is `model.lowbit_info`.
     """
-    if method not in SOLVERS:
-        raise LowbitError(f"unknown method {method!r}; available: {', '.join(sorted(SOLVERS))}")
+    if method not in METHODS:
+        raise LowbitError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if storage_dtype not in STORAGE_DTYPES:
         raise LowbitError(f"storage dtype {storage_dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
     if scale_dtype not in SCALE_DTYPES:
@@ -85,42 +134,85 @@ def quantize(
     fmt = IntFormat(bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
     adapter = get_adapter(model.config.model_type)
     check_finite(model)
-    solver = SOLVERS[method]
-    info = QuantizationInfo(
-        method=method,
-        settings={"format": fmt.to_dict(), "clip_search": clip_search},
-        storage_dtype=storage_dtype,
-    )
-    targets = quantizable_linears(model, adapter)
+    windows = None
+    if method == "gptq":
+        windows = calibration_data(tokenizer, calib, nsamples, seqlen)
+        context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if context is not None and windows.shape[1] > context:
+            raise DataError(
+                f"calibration windows of {windows.shape[1]} tokens exceed the model's context of {context}; "
+                f"use --seqlen {context} or less"
+            )
+    settings: dict[str, Any] = {"format": fmt.to_dict()}
+    if method == "rtn":
+        settings["clip_search"] = clip_search
+    info = QuantizationInfo(method=method, settings=settings, storage_dtype=storage_dtype)
+    t0 = time.perf_counter()
     with torch.no_grad():
-        for name, module in tqdm(targets, desc=f"quantizing ({method})", disable=not progress):
-            w = linear_weight(module).detach().float()
-            qt = solver(w, fmt, clip_search=clip_search)
-            err = ((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
-            qlayer = QuantizedLinear.from_quantized(qt, module.bias)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, qlayer)
-            out, n = qt.shape
-            info.layers[name] = {
-                "format": fmt.to_dict(),
-                "shape": [out, n],
-                "numel": out * n,
-                "storage_bits": fmt.storage_bits(out, n),
-                "bpw": fmt.bits_per_weight(out, n),
-                "weight_rel_mse": err,
-            }
-        _round_unquantized(model, STORAGE_DTYPES[storage_dtype], info)
+        _round_parameters(model, STORAGE_DTYPES[storage_dtype])
+        targets = quantizable_linears(model, adapter)
+        if method == "rtn":
+            _quantize_rtn(model, targets, fmt, clip_search, info, progress)
+        else:
+            gptq = gptq or GPTQSettings()
+            plan = {name: fmt for name, _ in targets}
+            ckpt = None
+            if checkpoint_dir is not None:
+                ckpt = Checkpoint(checkpoint_dir, checkpoint_key(model, windows, plan, gptq))
+            result = gptq_pipeline(
+                model,
+                adapter,
+                plan,
+                windows,
+                gptq,
+                checkpoint=ckpt,
+                resume=resume,
+                progress=progress,
+                on_block_done=on_block_done,
+                layer_record=_layer_record,
+            )
+            info.layers.update(result.layers)
+            settings.update({"gptq": asdict(gptq), "calibration": _calib_name(calib)})
+            settings.update({"nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1])})
+            info.stats["pipeline"] = result.stats.to_dict()
+        info.unquantized = _unquantized(model)
+    info.stats["quantize_seconds"] = time.perf_counter() - t0
     model.lowbit_info = info
     return model
 
 
-def _round_unquantized(model: nn.Module, dtype: torch.dtype, info: QuantizationInfo) -> None:
-    """Round every float parameter through the storage dtype, as the artifact will hold it."""
-    seen: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            p.data = p.data.to(dtype).to(p.dtype)
+def _calib_name(calib: str | torch.Tensor) -> str:
+    return "token windows" if isinstance(calib, torch.Tensor) else str(calib)
+
+
+def _quantize_rtn(model, targets, fmt: Format, clip_search: bool, info: QuantizationInfo, progress: bool) -> None:
+    for name, module in tqdm(targets, desc="quantizing (rtn)", disable=not progress):
+        w = linear_weight(module).detach().float()
+        qt = rtn_quantize(w, fmt, clip_search=clip_search)
+        err = ((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
+        qlayer = QuantizedLinear.from_quantized(qt, module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, qlayer)
+        info.layers[name] = {**_layer_record(fmt, qt), "weight_rel_mse": err}
+
+
+def _round_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every float parameter through the storage dtype first, so that calibration
+    sees the unquantized tensors exactly as the artifact will hold them."""
+    for name, p in model.named_parameters():
+        rounded = p.data.to(dtype)
+        if not torch.isfinite(rounded).all():
+            raise NonFiniteWeightError(
+                f"weight {name} has values beyond the range of {str(dtype).removeprefix('torch.')}; "
+                "store unquantized tensors in a wider type: --storage-dtype float32 (or bfloat16)"
+            )
+        p.data = rounded.to(p.dtype)
+
+
+def _unquantized(model: nn.Module) -> list[str]:
+    out = []
+    for name, _ in model.named_parameters(remove_duplicate=False):
         owner = model.get_submodule(name.rpartition(".")[0])
         if not isinstance(owner, QuantizedLinear):
-            info.unquantized.append(name)
+            out.append(name)
+    return out

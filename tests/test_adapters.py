@@ -63,7 +63,7 @@ def test_quantize_each_family_8bit_is_close_and_4bit_is_not_identical(arch):
     with torch.no_grad():
         ref = model(x).logits
         weights = {n: linear_weight(m).detach().clone() for n, m in quantizable_linears(model, get_adapter(arch))}
-    lowbit.quantize(model, bits=8, group_size=32, progress=False)
+    lowbit.quantize(model, bits=8, method="rtn", group_size=32, progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == len(weights)
     for name, w in weights.items():
@@ -85,4 +85,4 @@ def test_unsupported_architecture_lists_supported():
     )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedArchitectureError, match="gpt_neox.*supported: .*llama"):
-        lowbit.quantize(model, bits=4, progress=False)
+        lowbit.quantize(model, bits=4, method="rtn", progress=False)

@@ -24,7 +24,7 @@ def _tensor_bytes(model):
 @pytest.mark.parametrize("bits,sym", [(4, False), (3, True)])
 def test_loaded_artifact_gives_identical_logits(tmp_path, arch, bits, sym):
     model = make_tiny_model(arch)
-    lowbit.quantize(model, bits=bits, group_size=48, symmetric=sym, progress=False)
+    lowbit.quantize(model, bits=bits, method="rtn", group_size=48, symmetric=sym, progress=False)
     x = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         before = model(x).logits
@@ -38,7 +38,7 @@ def test_loaded_artifact_gives_identical_logits(tmp_path, arch, bits, sym):
 
 def test_manifest_records_plan_sizes_and_checksums(tmp_path):
     model = make_tiny_model("llama")
-    lowbit.quantize(model, bits=4, group_size=48, progress=False)
+    lowbit.quantize(model, bits=4, method="rtn", group_size=48, progress=False)
     out = lowbit.save(model, tmp_path / "art", evaluation={"kld": 0.1})
     m = read_manifest(out)
     info = model.lowbit_info
@@ -58,7 +58,7 @@ def test_quantized_model_is_small_in_memory(tmp_path):
     model = make_tiny_model("llama")
     # make the linears dominate, as in real models
     float_bytes = _tensor_bytes(model)
-    lowbit.quantize(model, bits=4, group_size=32, progress=False)
+    lowbit.quantize(model, bits=4, method="rtn", group_size=32, progress=False)
     lowbit.save(model, tmp_path / "art")
     loaded = lowbit.load(tmp_path / "art")
     linear_float = sum(v["numel"] * 4 for v in model.lowbit_info.layers.values())
@@ -76,7 +76,7 @@ def test_quantized_model_is_small_in_memory(tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     model = make_tiny_model("llama")
-    lowbit.quantize(model, bits=4, progress=False)
+    lowbit.quantize(model, bits=4, method="rtn", progress=False)
     out = tmp_path / "art"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -89,7 +89,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     model = make_tiny_model("llama")
-    lowbit.quantize(model, bits=4, progress=False)
+    lowbit.quantize(model, bits=4, method="rtn", progress=False)
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -103,7 +103,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_corrupt_artifact_is_refused(tmp_path, damage):
     model = make_tiny_model("llama")
-    lowbit.quantize(model, bits=4, progress=False)
+    lowbit.quantize(model, bits=4, method="rtn", progress=False)
     out = lowbit.save(model, tmp_path / "art")
     f = out / WEIGHTS
     data = f.read_bytes()
@@ -132,7 +132,7 @@ def test_nan_weight_is_named(tmp_path):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(LowbitError, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN or Inf"):
-        lowbit.quantize(model, bits=4, progress=False)
+        lowbit.quantize(model, bits=4, method="rtn", progress=False)
     model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("inf")
     with pytest.raises(LowbitError, match="up_proj.weight contains NaN or Inf"):
-        lowbit.quantize(model, bits=4, progress=False)
+        lowbit.quantize(model, bits=4, method="rtn", progress=False)

@@ -43,6 +43,12 @@ def test_quantize_eval_inspect_end_to_end(capsys, tmp_path, tiny_model_dir, text
         "--eval",
         "--data",
         text_file,
+        "--eval-seqlen",
+        "64",
+        "--calib",
+        text_file,
+        "--nsamples",
+        "8",
         "--seqlen",
         "64",
         "--json",
@@ -138,7 +144,7 @@ def test_evaluation_text_shorter_than_a_window(capsys, tmp_path, tiny_model_dir)
 
 def test_corrupt_artifact(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
-    assert run(capsys, "quantize", tiny_model_dir, "--bits", "3", "--out", out)[0] == 0
+    assert run(capsys, "quantize", tiny_model_dir, "--bits", "3", "--out", out, "--method", "rtn")[0] == 0
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     code, _, err = run(capsys, "eval", out, "--no-reference")
@@ -148,9 +154,11 @@ def test_corrupt_artifact(capsys, tmp_path, tiny_model_dir):
 def test_existing_output_directory(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "q"
     out.mkdir()
-    code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--out", out)
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--out", out, "--method", "rtn")
     one_line_error(code, err, "already exists; pass --overwrite")
-    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--out", out, "--overwrite")
+    code, stdout, _ = run(
+        capsys, "quantize", tiny_model_dir, "--bits", "4", "--out", out, "--overwrite", "--method", "rtn"
+    )
     assert code == 0 and "wrote" in stdout and (out / "lowbit_manifest.json").is_file()
 
 

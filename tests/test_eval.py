@@ -41,7 +41,7 @@ def test_kld_matches_direct_computation_for_quantized_model():
     with torch.no_grad():
         ref_logp = F.log_softmax(model(w).logits[:, :-1], -1)
     ref = build_reference(model, w, progress=False)
-    lowbit.quantize(model, bits=3, group_size=32, progress=False)
+    lowbit.quantize(model, bits=3, method="rtn", group_size=32, progress=False)
     res = evaluate_windows(model, w, ref, batch_size=4, progress=False)
     with torch.no_grad():
         q_logp = F.log_softmax(model(w).logits[:, :-1], -1)

@@ -198,6 +198,15 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         return dequantize_codes(self.fmt, self.codes, self.scales, self.zeros, self.shape[1])
 
+    def split_rows(self, sizes: list[int]) -> list[QuantizedTensor]:
+        """Row blocks as separate tensors: layers that share an input are solved stacked, stored apart."""
+        n = self.shape[1]
+        zeros = self.zeros.split(sizes) if self.zeros is not None else [None] * len(sizes)
+        return [
+            QuantizedTensor(self.fmt, (rows, n), c, s, z)
+            for rows, c, s, z in zip(sizes, self.codes.split(sizes), self.scales.split(sizes), zeros, strict=True)
+        ]
+
     def pack(self) -> dict[str, torch.Tensor]:
         """Tensors as stored in memory and on disk."""
         packed = {"qweight": pack_codes(self.codes, self.fmt.bits), "scales": self.scales}
