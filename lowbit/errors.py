@@ -38,3 +38,7 @@ class NonFiniteActivationError(LowbitError):
 
 class CheckpointError(LowbitError):
     pass
+
+
+class BudgetError(LowbitError):
+    pass

@@ -1,0 +1,87 @@
+"""Budget allocation: exact knapsack against brute force, BAQ's closed form and its rounding."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from lowbit.allocate import baq_bits, baq_plan, solve_mckp
+from lowbit.errors import BudgetError
+
+
+def _brute_force(costs, errors, budget):
+    best = None
+    for combo in itertools.product(*[range(len(c)) for c in costs]):
+        cost = sum(costs[i][j] for i, j in enumerate(combo))
+        err = sum(errors[i][j] for i, j in enumerate(combo))
+        if cost <= budget and (best is None or err < best[0] - 1e-12):
+            best = (err, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_matches_brute_force(seed):
+    rng = random.Random(seed)
+    items = rng.randint(2, 6)
+    costs = [sorted(rng.sample(range(10, 400), rng.randint(2, 4))) for _ in range(items)]
+    # error falls with cost, with a random per-item sensitivity
+    errors = [[rng.uniform(0.5, 20) * 2.0 ** (-c / 60) for c in cs] for cs in costs]
+    lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    budget = rng.randint(lo, hi)
+    choice = solve_mckp(costs, errors, budget)
+    best_err, _ = _brute_force(costs, errors, budget)
+    assert sum(costs[i][j] for i, j in enumerate(choice)) <= budget
+    assert sum(errors[i][j] for i, j in enumerate(choice)) == pytest.approx(best_err, rel=1e-9, abs=1e-12)
+
+
+def test_knapsack_with_realistic_bit_counts_never_exceeds_the_budget():
+    rng = np.random.default_rng(0)
+    bpw = [2.3, 3.2, 4.2, 5.2, 6.2, 8.2]
+    numel = rng.integers(100_000, 1_000_000, size=200)
+    costs = [[int(b * n) for b in bpw] for n in numel]
+    sens = rng.lognormal(0, 2, size=200)
+    errors = [[s * 2.0 ** (-2 * b) for b in bpw] for s in sens]
+    budget = int(3.25 * numel.sum())
+    choice = solve_mckp(costs, errors, budget)
+    spent = sum(costs[i][j] for i, j in enumerate(choice))
+    assert spent <= budget and spent > 0.99 * budget  # uses the budget, never overshoots
+
+
+def test_knapsack_infeasible_budget_names_the_smallest_feasible_one():
+    with pytest.raises(BudgetError, match=r"below the cheapest plan \(30 bits\)"):
+        solve_mckp([[10, 20], [20, 40]], [[1.0, 0.5], [1.0, 0.5]], 29)
+
+
+def test_baq_bits_meets_the_mean_and_equalises_marginal_loss():
+    sens = np.array([1.0, 10.0, 100.0, 0.01, 5.0])
+    numel = np.array([100, 200, 100, 300, 50])
+    bits = baq_bits(sens, numel, 4.0, 2.0, 8.0)
+    assert np.average(bits, weights=numel) == pytest.approx(4.0)
+    free = (bits > 2.0 + 1e-9) & (bits < 8.0 - 1e-9)
+    marginal = sens[free] / numel[free] * 2.0 ** (-2 * bits[free])
+    assert marginal.max() / marginal.min() == pytest.approx(1.0, rel=1e-9)
+    assert bits[2] > bits[1] > bits[0]  # more sensitive per weight, more bits
+
+
+def test_baq_bits_clamps_by_water_filling():
+    bits = baq_bits([1e-12, 1.0, 1e12], [1, 1, 1], 4.0, 2.0, 8.0)
+    assert bits[0] == 2.0 and bits[2] == 8.0 and bits.mean() == pytest.approx(4.0)
+
+
+def test_baq_plan_rounds_within_budget():
+    rng = np.random.default_rng(1)
+    bpw = [2.2, 3.2, 4.2, 8.2]
+    numel = rng.integers(1000, 5000, size=40)
+    costs = [[int(b * n) for b in bpw] for n in numel]
+    sens = rng.lognormal(0, 1.5, size=40) * numel
+    budget = int(3.5 * numel.sum())
+    choice = baq_plan(sens, numel, [bpw] * 40, costs, budget)
+    spent = sum(costs[i][j] for i, j in enumerate(choice))
+    assert spent <= budget and spent > 0.97 * budget
+    errors = [[s * 2.0 ** (-2 * b) for b in bpw] for s in sens]
+    exact = solve_mckp(costs, errors, budget)
+    total = lambda ch: sum(errors[i][j] for i, j in enumerate(ch))  # noqa: E731
+    assert total(exact) <= total(choice) <= 1.5 * total(exact)  # close to the exact optimum
