@@ -264,12 +264,17 @@ class Checkpoint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def checkpoint_key(model: nn.Module, windows: torch.Tensor, plan: dict[str, Format], settings: GPTQSettings) -> str:
-    """A digest of everything that determines the result: config, weights, calibration, plan, settings."""
-    h = hashlib.sha256()
-    h.update(model.config.to_json_string().encode())
+def model_digest(model: nn.Module) -> str:
+    """Config plus the first few tensors (embedding, first block): cheap, and distinct per checkpoint."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
     for p in list(model.parameters())[:4]:
         h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def checkpoint_key(model: nn.Module, windows: torch.Tensor, plan: dict[str, Format], settings: GPTQSettings) -> str:
+    """A digest of everything that determines the result: config, weights, calibration, plan, settings."""
+    h = hashlib.sha256(model_digest(model).encode())
     h.update(windows.numpy().tobytes())
     h.update(json.dumps({k: v.to_dict() for k, v in plan.items()}, sort_keys=True).encode())
     h.update(json.dumps(asdict(settings), sort_keys=True).encode())
