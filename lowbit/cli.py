@@ -13,14 +13,17 @@ from typing import Any
 from lowbit.errors import LowbitError
 
 
-def _bits(value: str) -> int:
+def _bits(value: str) -> int | float:
+    """A whole number is a uniform code width; a fraction is an average budget in bpw."""
     try:
         bits = float(value)
     except ValueError:
         raise LowbitError(f"--bits must be a number from 2 to 8, got {value!r}") from None
-    if bits != int(bits) or not 2 <= bits <= 8:
-        raise LowbitError(f"--bits must be a whole number from 2 to 8, got {value}; e.g. --bits 4")
-    return int(bits)
+    if not 2 <= bits <= 8:
+        raise LowbitError(
+            f"--bits must be from 2 to 8, got {value}; e.g. --bits 4 (uniform) or --bits 3.25 (average budget)"
+        )
+    return int(bits) if bits == int(bits) else bits
 
 
 def _group_size(value: str) -> int | None:
@@ -84,7 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write an artifact directory")
     q.add_argument("model", help="HF model directory, .gguf file, hub id, or alias (smollm2-135m)")
-    q.add_argument("--bits", required=True, help="bits per code, 2..8")
+    q.add_argument(
+        "--bits",
+        help="a whole number 2..8: every layer gets codes of that width; a fraction (e.g. 3.25): an average "
+        "budget in bits per weight, scales and zeros included, met by giving each layer its own format",
+    )
+    q.add_argument("--bpw", type=float, help="average budget in bits per weight (like a fractional --bits)")
+    q.add_argument(
+        "--measurements",
+        help="budget runs: JSON file of per-layer errors; written by the first run, reused by later ones "
+        "(same model, calibration and candidates) so a new budget plans in seconds",
+    )
+    q.add_argument(
+        "--allocator",
+        default="knapsack",
+        choices=["knapsack", "baq"],
+        help="budget runs: exact knapsack on measured errors (default) or BAQ's closed form",
+    )
     q.add_argument(
         "--group-size", default="128", help="inputs sharing one scale: a positive integer or 'channel' (default 128)"
     )
@@ -175,8 +194,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.pipeline import GPTQSettings
     from lowbit.quantize import quantize
 
-    bits, group_size = _bits(args.bits), _group_size(args.group_size)
-    IntFormat(bits, group_size, args.sym, args.scale_dtype)  # validate before any slow work
+    if args.bits is None and args.bpw is None:
+        raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25) or --bpw")
+    bits = _bits(args.bits) if args.bits is not None else float(args.bpw)
+    budget = args.bpw if args.bpw is not None else (bits if isinstance(bits, float) else None)
+    group_size = _group_size(args.group_size)
+    if budget is None:
+        IntFormat(bits, group_size, args.sym, args.scale_dtype)  # validate before any slow work
     check_output_dir(args.out, args.overwrite)
     ckpt_dir = resume_dir(args.out) if args.method == "gptq" else None
     if ckpt_dir is not None and ckpt_dir.exists() and not args.resume:
@@ -203,7 +227,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     model = quantize(
         loaded.model,
-        bits=bits,
+        bits=bits if budget is None else 4,
+        budget_bpw=budget,
+        measurements=args.measurements,
+        allocator=args.allocator,
         group_size=group_size,
         symmetric=args.sym,
         method=args.method,
@@ -233,6 +260,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = {
         "out": str(out),
         "format": info.settings["format"],
+        "budget": info.settings.get("budget"),
         "bits_per_weight": info.bits_per_weight,
         "artifact_bytes": manifest["sizes"]["artifact_bytes"],
         "fp16_bytes": manifest["sizes"]["fp16_bytes"],
@@ -249,6 +277,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"wrote {out}: {len(info.layers)} layers at {info.bits_per_weight:.4f} bpw, "
         f"{summary['artifact_bytes'] / 1e6:.1f} MB (16-bit: {summary['fp16_bytes'] / 1e6:.1f} MB)"
     )
+    if "budget" in info.settings:
+        b = info.settings["budget"]
+        counts = ", ".join(f"{n} x{c}" for n, c in b["formats"].items())
+        print(f"budget {b['bpw']} bpw ({b['allocator']}): achieved {b['achieved_bpw']:.4f}; formats: {counts}")
     if evaluation:
         _print_metrics(evaluation)
     return 0
@@ -297,7 +329,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
-    fmt = m["settings"]["format"]
+    fmt = m["settings"]["format"] or "mixed (per layer, see the plan below)"
     sizes = m["sizes"]
     print(f"artifact     {args.artifact}")
     print(f"source       {m.get('source')}  ({m['model_type']})")
@@ -322,6 +354,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"unquantized  {len(m['unquantized'])} tensors in {m['storage_dtype']} "
         f"(e.g. {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''})"
     )
+    budget = settings.get("budget")
+    if budget:
+        counts = ", ".join(f"{n} x{c}" for n, c in budget["formats"].items())
+        print(
+            f"plan         budget {budget['bpw']} bpw, achieved {budget['achieved_bpw']:.4f} ({budget['allocator']}); "
+            f"{counts}; measurement {budget['measurement_seconds']:.0f} s"
+            f"{' (reused)' if budget['measurements_reused'] else ''}"
+        )
     stats = m.get("stats") or {}
     if "quantize_seconds" in stats:
         line = f"{stats['quantize_seconds']:.1f} s"

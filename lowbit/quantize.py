@@ -6,18 +6,21 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.allocate.planner import check_feasible, plan_for_budget
+from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
 from lowbit.formats import Format, IntFormat, QuantizedTensor
 from lowbit.formats.integer import SCALE_DTYPES
 from lowbit.models.adapters import get_adapter, linear_weight, quantizable_linears
-from lowbit.pipeline import Checkpoint, GPTQSettings, checkpoint_key, gptq_pipeline
+from lowbit.pipeline import Checkpoint, GPTQSettings, checkpoint_key, gptq_pipeline, model_digest
 from lowbit.runtime import QuantizedLinear
 from lowbit.solvers import rtn_quantize
 
@@ -113,6 +116,10 @@ def quantize(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_block_done: Callable[[int], None] | None = None,
+    budget_bpw: float | None = None,
+    candidates: list[Format] | None = None,
+    measurements: str | os.PathLike | None = None,
+    allocator: str = "knapsack",
 ) -> nn.Module:
     """Quantize every decoder-block linear of `model` in place; returns the model.
 
@@ -120,6 +127,13 @@ def quantize(
     with `tokenizer`, or ready token windows) block by block; with `checkpoint_dir`
     it persists every finished block there, and `resume=True` continues from it.
     method "rtn" rounds each weight to the nearest grid point, no data needed.
+
+    With `budget_bpw`, each layer gets its own format from `candidates` (default:
+    integer grids at 2-8 bits with groups of 32/64/128): every layer is solved with
+    every candidate once (the measurement pass, saved to and reused from
+    `measurements` when given), the `allocator` picks the plan with the least summed
+    error within the budget, and GPTQ quantizes with that plan; `bits`/`group_size`
+    are then ignored.
 
     Embeddings, the output head and norms stay unquantized but are stored (and,
     so that a reloaded artifact computes exactly the same logits, rounded first)
@@ -135,6 +149,12 @@ def quantize(
     adapter = get_adapter(model.config.model_type)
     check_finite(model)
     windows = None
+    if budget_bpw is not None and method != "gptq":
+        raise LowbitError("a bit budget needs --method gptq (the measurement pass solves every candidate with it)")
+    cands = candidates or default_candidates(symmetric)
+    if budget_bpw is not None:
+        shapes = [tuple(linear_weight(m).shape) for _, m in quantizable_linears(model, adapter)]
+        check_feasible(shapes, cands, budget_bpw)
     if method == "gptq":
         windows = calibration_data(tokenizer, calib, nsamples, seqlen)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -143,7 +163,7 @@ def quantize(
                 f"calibration windows of {windows.shape[1]} tokens exceed the model's context of {context}; "
                 f"use --seqlen {context} or less"
             )
-    settings: dict[str, Any] = {"format": fmt.to_dict()}
+    settings: dict[str, Any] = {"format": fmt.to_dict() if budget_bpw is None else None}
     if method == "rtn":
         settings["clip_search"] = clip_search
     info = QuantizationInfo(method=method, settings=settings, storage_dtype=storage_dtype)
@@ -156,6 +176,9 @@ def quantize(
         else:
             gptq = gptq or GPTQSettings()
             plan = {name: fmt for name, _ in targets}
+            if budget_bpw is not None:
+                args = (model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator)
+                plan = _plan_from_budget(*args, settings, progress)
             ckpt = None
             if checkpoint_dir is not None:
                 ckpt = Checkpoint(checkpoint_dir, checkpoint_key(model, windows, plan, gptq))
@@ -179,6 +202,38 @@ def quantize(
     info.stats["quantize_seconds"] = time.perf_counter() - t0
     model.lowbit_info = info
     return model
+
+
+def _plan_from_budget(
+    model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator, settings, progress
+) -> dict[str, Format]:
+    """Measure (or reuse measurements), then allocate; records the plan in `settings`."""
+    names = [n for n, _ in targets]
+    key = (model_digest(model), windows_digest(windows), [f.to_dict() for f in cands])
+    path = Path(measurements) if measurements is not None else None
+    if path is not None and path.exists():
+        meas = Measurements.load(path)
+        meas.check_matches(*key, path=str(path))
+        reused = True
+    else:
+        meas = measure(model, adapter, names, cands, windows, gptq, progress)
+        if path is not None:
+            meas.save(path)
+        reused = False
+    t0 = time.perf_counter()
+    plan = plan_for_budget(meas, budget_bpw, allocator)
+    settings["budget"] = {
+        "bpw": budget_bpw,
+        "achieved_bpw": plan.achieved_bpw,
+        "allocator": allocator,
+        "predicted_error": plan.predicted_error,
+        "formats": plan.summary(),
+        "candidates": [f.to_dict() for f in cands],
+        "measurement_seconds": meas.seconds,
+        "measurements_reused": reused,
+        "planning_seconds": time.perf_counter() - t0,
+    }
+    return plan.formats
 
 
 def _calib_name(calib: str | torch.Tensor) -> str:

@@ -113,7 +113,7 @@ def test_unsupported_architecture(capsys, tmp_path, tiny_tokenizer):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("bits", ["1", "9", "3.5", "four"])
+@pytest.mark.parametrize("bits", ["1", "9", "1.5", "four"])
 def test_bits_outside_range(capsys, tmp_path, tiny_model_dir, bits):
     code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", bits, "--out", tmp_path / "o")
     one_line_error(code, err, "--bits must be")
@@ -185,3 +185,18 @@ def test_hub_id_that_cannot_be_reached_fails_in_one_line(tmp_path):
     one_line_error(
         proc.returncode, proc.stderr, "could not load model 'someorg/no-such-model' from the Hugging Face hub"
     )
+
+
+def test_budget_from_the_command_line(capsys, tmp_path, tiny_model_dir, text_file):
+    common = ["quantize", tiny_model_dir, "--calib", text_file, "--nsamples", "8", "--seqlen", "64"]
+    code, _, err = run(capsys, *common, "--bits", "2.1", "--out", tmp_path / "o")
+    one_line_error(code, err, r"below the cheapest plan the candidates allow \(2\.\d+ bpw\); use --bits")
+    assert not (tmp_path / "o").exists()
+
+    meas = tmp_path / "m.json"
+    code, stdout, _ = run(capsys, *common, "--bits", "3.5", "--measurements", meas, "--out", tmp_path / "q")
+    assert code == 0 and "budget 3.5 bpw (knapsack): achieved 3." in stdout and meas.is_file()
+    achieved = json.loads((tmp_path / "q" / "lowbit_manifest.json").read_text())["bits_per_weight"]
+    assert achieved <= 3.5
+    code, stdout, _ = run(capsys, "inspect", tmp_path / "q")
+    assert code == 0 and "mixed" in stdout and "plan         budget 3.5 bpw" in stdout

@@ -1,0 +1,81 @@
+"""From a bit budget and measurements to a plan: which candidate format each layer gets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lowbit.allocate.baq import baq_plan
+from lowbit.allocate.knapsack import min_cost, solve_mckp
+from lowbit.allocate.sensitivity import Measurements
+from lowbit.errors import BudgetError
+from lowbit.formats import Format, format_from_dict
+
+ALLOCATORS = ("knapsack", "baq")
+
+
+@dataclass
+class Plan:
+    formats: dict[str, Format]  # layer -> chosen format
+    budget_bpw: float
+    achieved_bpw: float
+    predicted_error: float  # summed measured error of the chosen candidates
+    allocator: str
+
+    def summary(self) -> dict[str, int]:
+        """How many layers got each format."""
+        counts: dict[str, int] = {}
+        for f in self.formats.values():
+            counts[f.name] = counts.get(f.name, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def check_feasible(shapes: list[tuple[int, int]], candidates: list[Format], budget_bpw: float) -> None:
+    """Refuse an impossible budget before any slow measurement starts."""
+    total = sum(o * i for o, i in shapes)
+    floor = sum(min(f.storage_bits(o, i) for f in candidates) for o, i in shapes)
+    if floor > math.floor(budget_bpw * total):
+        smallest = math.ceil(floor / total * 1000) / 1000
+        raise BudgetError(
+            f"a budget of {budget_bpw} bits per weight is below the cheapest plan the candidates allow "
+            f"({smallest} bpw); use --bits {smallest} or more, or add cheaper candidates"
+        )
+
+
+def plan_for_budget(measurements: Measurements, budget_bpw: float, allocator: str = "knapsack") -> Plan:
+    """The plan with the least summed measured error whose bpw (every scale and zero counted)
+    does not exceed `budget_bpw` over the measured layers."""
+    if allocator not in ALLOCATORS:
+        raise BudgetError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
+    names = list(measurements.layers)
+    recs = [measurements.layers[n] for n in names]
+    costs = [r["costs"] for r in recs]
+    errors = [r["errors"] for r in recs]
+    numel = [r["numel"] for r in recs]
+    total = sum(numel)
+    budget = math.floor(budget_bpw * total)
+    floor = min_cost(costs)
+    if floor > budget:
+        smallest = math.ceil(floor / total * 1000) / 1000
+        raise BudgetError(
+            f"a budget of {budget_bpw} bits per weight is below the cheapest plan the candidates allow "
+            f"({smallest} bpw); use --bits {smallest} or more, or add cheaper candidates"
+        )
+    if allocator == "knapsack":
+        choice = solve_mckp(costs, errors, budget)
+    else:
+        levels = [[c / n for c in cs] for cs, n in zip(costs, numel, strict=True)]
+        # BAQ's sensitivity c in L(b) = c 2^(-2b): geometric mean of the fits at every measured level
+        sens = [
+            math.exp(sum(math.log(max(e, 1e-300)) + 2 * b * math.log(2) for e, b in zip(es, lv, strict=True)) / len(es))
+            for es, lv in zip(errors, levels, strict=True)
+        ]
+        choice = baq_plan(sens, numel, levels, costs, budget)
+    spent = sum(c[j] for c, j in zip(costs, choice, strict=True))
+    return Plan(
+        formats={n: format_from_dict(measurements.candidates[j]) for n, j in zip(names, choice, strict=True)},
+        budget_bpw=budget_bpw,
+        achieved_bpw=spent / total,
+        predicted_error=sum(e[j] for e, j in zip(errors, choice, strict=True)),
+        allocator=allocator,
+    )

@@ -1,0 +1,69 @@
+"""Quantizing to a bit budget: plans within budget, reusable measurements, clear refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+import lowbit
+from lowbit.allocate import Measurements, plan_for_budget
+from lowbit.allocate.sensitivity import MeasurementMismatchError
+from lowbit.errors import BudgetError
+from lowbit.formats import IntFormat
+from lowbit.pipeline import GPTQSettings
+
+WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+CANDIDATES = [IntFormat(b, 32) for b in (2, 3, 4, 8)]
+KW = {"calib": WINDOWS, "gptq": GPTQSettings(batch_size=4), "candidates": CANDIDATES, "progress": False}
+
+
+def test_budget_plan_is_mixed_and_within_budget(tmp_path):
+    model = make_tiny_model("llama")
+    path = tmp_path / "measurements.json"
+    q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.9, measurements=path, **KW)
+    info = q.lowbit_info
+    budget = info.settings["budget"]
+    assert info.bits_per_weight <= 3.9 and budget["achieved_bpw"] == pytest.approx(info.bits_per_weight)
+    assert info.bits_per_weight > 3.6  # the budget is used, not wasted
+    assert len(budget["formats"]) >= 2  # mixed precision
+    assert path.is_file() and not budget["measurements_reused"]
+
+    # a new budget for the same model and calibration reuses the measurements
+    q2 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, measurements=path, **KW)
+    assert q2.lowbit_info.settings["budget"]["measurements_reused"]
+    assert q2.lowbit_info.bits_per_weight <= 3.0 < info.bits_per_weight
+
+    # the artifact stores per-layer formats and reloads to the same logits
+    lowbit.save(q2, tmp_path / "art")
+    again = lowbit.load(tmp_path / "art")
+    probe = WINDOWS[:2]
+    with torch.no_grad():
+        assert torch.equal(q2(probe).logits, again(probe).logits)
+
+
+def test_knapsack_is_never_worse_than_baq_on_the_same_measurements(tmp_path):
+    model = make_tiny_model("qwen2")
+    path = tmp_path / "m.json"
+    lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, measurements=path, **KW)
+    meas = Measurements.load(path)
+    for bpw in (2.8, 3.5, 5.0):
+        exact, baq = plan_for_budget(meas, bpw, "knapsack"), plan_for_budget(meas, bpw, "baq")
+        assert exact.achieved_bpw <= bpw and baq.achieved_bpw <= bpw
+        assert exact.predicted_error <= baq.predicted_error * (1 + 1e-9)
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one():
+    """int2 g32: 2 + (16-bit scale + 2-bit zero)/32 = 2.5625 bpw, rounded up."""
+    model = make_tiny_model("llama")
+    with pytest.raises(BudgetError, match=r"candidates allow \(2\.563 bpw\); use --bits 2\.563"):
+        lowbit.quantize(model, budget_bpw=2.5, **KW)
+
+
+def test_measurements_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "m.json"
+    lowbit.quantize(make_tiny_model("llama"), budget_bpw=3.5, measurements=path, **KW)
+    with pytest.raises(MeasurementMismatchError, match="another model"):
+        lowbit.quantize(make_tiny_model("llama", seed=3), budget_bpw=3.5, measurements=path, **KW)
