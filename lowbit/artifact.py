@@ -124,6 +124,12 @@ def save(
             "evaluation": evaluation or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        budget = info.settings.get("budget")
+        if budget:  # mixed precision: show the plan at a glance
+            from lowbit.report import plan_heatmap
+
+            title = f"{budget['allocator']} plan: {budget['achieved_bpw']:.3f} bpw (budget {budget['bpw']})"
+            plan_heatmap(info.layers, tmp / "plan.png", title)
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(trash)

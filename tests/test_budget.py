@@ -38,6 +38,8 @@ def test_budget_plan_is_mixed_and_within_budget(tmp_path):
 
     # the artifact stores per-layer formats and reloads to the same logits
     lowbit.save(q2, tmp_path / "art")
+    png = (tmp_path / "art" / "plan.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     again = lowbit.load(tmp_path / "art")
     probe = WINDOWS[:2]
     with torch.no_grad():
