@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a whole number 2..8: every layer gets codes of that width; a fraction (e.g. 3.25): an average "
         "budget in bits per weight, scales and zeros included, met by giving each layer its own format",
     )
+    q.add_argument(
+        "--keep",
+        help='pin layers: comma-separated globs over layer names, "PATTERN" keeps matches in float, '
+        '"PATTERN=FORMAT" fixes their format, e.g. "*.0.self_attn.*=8bit,*.29.mlp.down_proj=int6-g64"',
+    )
     q.add_argument("--bpw", type=float, help="average budget in bits per weight (like a fractional --bits)")
     q.add_argument(
         "--measurements",
@@ -231,6 +236,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         budget_bpw=budget,
         measurements=args.measurements,
         allocator=args.allocator,
+        keep=args.keep,
         group_size=group_size,
         symmetric=args.sym,
         method=args.method,

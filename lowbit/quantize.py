@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.allocate.planner import check_feasible, plan_for_budget
+from lowbit.allocate.rules import KeepRule, apply_rules, parse_rules
 from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
@@ -120,6 +121,7 @@ def quantize(
     candidates: list[Format] | None = None,
     measurements: str | os.PathLike | None = None,
     allocator: str = "knapsack",
+    keep: str | list[KeepRule] | None = None,
 ) -> nn.Module:
     """Quantize every decoder-block linear of `model` in place; returns the model.
 
@@ -134,6 +136,9 @@ def quantize(
     `measurements` when given), the `allocator` picks the plan with the least summed
     error within the budget, and GPTQ quantizes with that plan; `bits`/`group_size`
     are then ignored.
+
+    `keep` pins layers: "PATTERN" keeps matches in floating point, "PATTERN=FORMAT"
+    (e.g. "*.0.self_attn.*=8bit") fixes their format; budgets count pinned formats.
 
     Embeddings, the output head and norms stay unquantized but are stored (and,
     so that a reloaded artifact computes exactly the same logits, rounded first)
@@ -152,9 +157,13 @@ def quantize(
     if budget_bpw is not None and method != "gptq":
         raise LowbitError("a bit budget needs --method gptq (the measurement pass solves every candidate with it)")
     cands = candidates or default_candidates(symmetric)
+    rules = keep if isinstance(keep, list) else parse_rules(keep, group_size, symmetric)
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in quantizable_linears(model, adapter)}
+    pinned = apply_rules(list(shapes), rules, [n for n, _ in model.named_modules()])
     if budget_bpw is not None:
-        shapes = [tuple(linear_weight(m).shape) for _, m in quantizable_linears(model, adapter)]
-        check_feasible(shapes, cands, budget_bpw)
+        free = [s for n, s in shapes.items() if n not in pinned]
+        reserved = [(f.storage_bits(*shapes[n]), shapes[n][0] * shapes[n][1]) for n, f in pinned.items() if f]
+        check_feasible(free, cands, budget_bpw, sum(r[0] for r in reserved), sum(r[1] for r in reserved))
     if method == "gptq":
         windows = calibration_data(tokenizer, calib, nsamples, seqlen)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -166,19 +175,22 @@ def quantize(
     settings: dict[str, Any] = {"format": fmt.to_dict() if budget_bpw is None else None}
     if method == "rtn":
         settings["clip_search"] = clip_search
+    if rules:
+        settings["keep"] = [{"pattern": r.pattern, "format": r.fmt.to_dict() if r.fmt else None} for r in rules]
     info = QuantizationInfo(method=method, settings=settings, storage_dtype=storage_dtype)
     t0 = time.perf_counter()
     with torch.no_grad():
         _round_parameters(model, STORAGE_DTYPES[storage_dtype])
         targets = quantizable_linears(model, adapter)
+        plan = {name: pinned.get(name, fmt) for name, _ in targets}
         if method == "rtn":
-            _quantize_rtn(model, targets, fmt, clip_search, info, progress)
+            _quantize_rtn(model, targets, plan, clip_search, info, progress)
         else:
             gptq = gptq or GPTQSettings()
-            plan = {name: fmt for name, _ in targets}
             if budget_bpw is not None:
                 args = (model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator)
-                plan = _plan_from_budget(*args, settings, progress)
+                plan = _plan_from_budget(*args, pinned, settings, progress)
+            plan = {name: f for name, f in plan.items() if f is not None}
             ckpt = None
             if checkpoint_dir is not None:
                 ckpt = Checkpoint(checkpoint_dir, checkpoint_key(model, windows, plan, gptq))
@@ -205,9 +217,10 @@ def quantize(
 
 
 def _plan_from_budget(
-    model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator, settings, progress
-) -> dict[str, Format]:
-    """Measure (or reuse measurements), then allocate; records the plan in `settings`."""
+    model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator, pinned, settings, progress
+) -> dict[str, Format | None]:
+    """Measure (or reuse measurements), then allocate the layers not pinned; records the plan
+    in `settings`. Every layer is measured, pinned or not, so the file serves other rules too."""
     names = [n for n, _ in targets]
     key = (model_digest(model), windows_digest(windows), [f.to_dict() for f in cands])
     path = Path(measurements) if measurements is not None else None
@@ -221,27 +234,48 @@ def _plan_from_budget(
             meas.save(path)
         reused = False
     t0 = time.perf_counter()
-    plan = plan_for_budget(meas, budget_bpw, allocator)
+    shapes = {n: linear_weight(m).shape for n, m in targets}
+    fixed = {n: f for n, f in pinned.items() if f is not None}
+    plan = plan_for_budget(
+        meas,
+        budget_bpw,
+        allocator,
+        layers=[n for n in names if n not in pinned],
+        reserved_bits=sum(f.storage_bits(*shapes[n]) for n, f in fixed.items()),
+        reserved_numel=sum(shapes[n].numel() for n in fixed),
+    )
     settings["budget"] = {
         "bpw": budget_bpw,
         "achieved_bpw": plan.achieved_bpw,
         "allocator": allocator,
         "predicted_error": plan.predicted_error,
-        "formats": plan.summary(),
+        "formats": _format_counts({**fixed, **plan.formats}),
         "candidates": [f.to_dict() for f in cands],
         "measurement_seconds": meas.seconds,
         "measurements_reused": reused,
         "planning_seconds": time.perf_counter() - t0,
     }
-    return plan.formats
+    return {**pinned, **plan.formats}
+
+
+def _format_counts(plan: dict[str, Format]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for f in plan.values():
+        counts[f.name] = counts.get(f.name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _calib_name(calib: str | torch.Tensor) -> str:
     return "token windows" if isinstance(calib, torch.Tensor) else str(calib)
 
 
-def _quantize_rtn(model, targets, fmt: Format, clip_search: bool, info: QuantizationInfo, progress: bool) -> None:
+def _quantize_rtn(
+    model, targets, plan: dict[str, Format | None], clip_search: bool, info: QuantizationInfo, progress: bool
+) -> None:
     for name, module in tqdm(targets, desc="quantizing (rtn)", disable=not progress):
+        fmt = plan[name]
+        if fmt is None:  # pinned to floating point
+            continue
         w = linear_weight(module).detach().float()
         qt = rtn_quantize(w, fmt, clip_search=clip_search)
         err = ((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()

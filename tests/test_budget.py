@@ -10,8 +10,9 @@ from conftest import make_tiny_model
 
 import lowbit
 from lowbit.allocate import Measurements, plan_for_budget
+from lowbit.allocate.rules import KeepRule, parse_rules
 from lowbit.allocate.sensitivity import MeasurementMismatchError
-from lowbit.errors import BudgetError
+from lowbit.errors import BudgetError, LowbitError
 from lowbit.formats import IntFormat
 from lowbit.pipeline import GPTQSettings
 
@@ -69,3 +70,35 @@ def test_measurements_of_another_model_are_refused(tmp_path):
     lowbit.quantize(make_tiny_model("llama"), budget_bpw=3.5, measurements=path, **KW)
     with pytest.raises(MeasurementMismatchError, match="another model"):
         lowbit.quantize(make_tiny_model("llama", seed=3), budget_bpw=3.5, measurements=path, **KW)
+
+
+def test_keep_rules_parse_and_pin_formats():
+    rules = parse_rules("lm_head, *.0.self_attn.*=8bit ,*.down_proj=int3-g64-sym", group_size=32)
+    assert rules[0] == KeepRule("lm_head", None)
+    assert rules[1].fmt == IntFormat(8, 32) and rules[2].fmt == IntFormat(3, 64, symmetric=True)
+    with pytest.raises(LowbitError, match="unknown format 'nine' in --keep"):
+        parse_rules("*.q_proj=nine")
+
+
+def test_pinned_layers_keep_their_format_in_uniform_and_budget_runs():
+    model = make_tiny_model("llama")
+    keep = "*.0.self_attn.*=8bit,*.1.mlp.down_proj"
+    q = lowbit.quantize(copy.deepcopy(model), bits=3, group_size=32, keep=keep, **KW)
+    layers = q.lowbit_info.layers
+    assert layers["model.layers.0.self_attn.q_proj"]["format"]["bits"] == 8
+    assert layers["model.layers.1.self_attn.q_proj"]["format"]["bits"] == 3
+    assert "model.layers.1.mlp.down_proj" not in layers  # kept in float
+    assert isinstance(q.model.layers[1].mlp.down_proj, torch.nn.Linear)
+
+    qb = lowbit.quantize(copy.deepcopy(model), budget_bpw=4.0, keep=keep, **KW)
+    layers = qb.lowbit_info.layers
+    assert all(layers[f"model.layers.0.self_attn.{p}_proj"]["format"]["bits"] == 8 for p in "qkvo")
+    assert qb.lowbit_info.bits_per_weight <= 4.0
+
+
+def test_pins_that_eat_the_budget_and_rules_that_match_nothing_are_refused():
+    model = make_tiny_model("llama")
+    with pytest.raises(BudgetError, match=r"with the pinned layers \(\d\.\d+ bpw\)"):
+        lowbit.quantize(copy.deepcopy(model), budget_bpw=2.8, keep="*.mlp.*=8bit", **KW)
+    with pytest.raises(LowbitError, match="--keep rule '\\*.mlp.fc9' matches no quantizable layer"):
+        lowbit.quantize(copy.deepcopy(model), bits=4, keep="*.mlp.fc9", **KW)

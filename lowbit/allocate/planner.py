@@ -30,37 +30,55 @@ class Plan:
         return dict(sorted(counts.items()))
 
 
-def check_feasible(shapes: list[tuple[int, int]], candidates: list[Format], budget_bpw: float) -> None:
+def _refuse(budget_bpw: float, floor_bits: int, total: int, pinned: bool) -> None:
+    smallest = math.ceil(floor_bits / total * 1000) / 1000
+    why = "the cheapest plan the candidates allow" + (" with the pinned layers" if pinned else "")
+    raise BudgetError(
+        f"a budget of {budget_bpw} bits per weight is below {why} ({smallest} bpw); "
+        f"use --bits {smallest} or more, or add cheaper candidates"
+    )
+
+
+def check_feasible(
+    shapes: list[tuple[int, int]],
+    candidates: list[Format],
+    budget_bpw: float,
+    reserved_bits: int = 0,
+    reserved_numel: int = 0,
+) -> None:
     """Refuse an impossible budget before any slow measurement starts."""
-    total = sum(o * i for o, i in shapes)
-    floor = sum(min(f.storage_bits(o, i) for f in candidates) for o, i in shapes)
+    total = sum(o * i for o, i in shapes) + reserved_numel
+    floor = sum(min(f.storage_bits(o, i) for f in candidates) for o, i in shapes) + reserved_bits
     if floor > math.floor(budget_bpw * total):
-        smallest = math.ceil(floor / total * 1000) / 1000
-        raise BudgetError(
-            f"a budget of {budget_bpw} bits per weight is below the cheapest plan the candidates allow "
-            f"({smallest} bpw); use --bits {smallest} or more, or add cheaper candidates"
-        )
+        _refuse(budget_bpw, floor, total, reserved_numel > 0)
 
 
-def plan_for_budget(measurements: Measurements, budget_bpw: float, allocator: str = "knapsack") -> Plan:
-    """The plan with the least summed measured error whose bpw (every scale and zero counted)
-    does not exceed `budget_bpw` over the measured layers."""
+def plan_for_budget(
+    measurements: Measurements,
+    budget_bpw: float,
+    allocator: str = "knapsack",
+    layers: list[str] | None = None,
+    reserved_bits: int = 0,
+    reserved_numel: int = 0,
+) -> Plan:
+    """The plan for `layers` (default: all measured) with the least summed measured error whose
+    bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
+    `budget_bpw`."""
     if allocator not in ALLOCATORS:
         raise BudgetError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
-    names = list(measurements.layers)
+    names = list(measurements.layers) if layers is None else layers
+    missing = [n for n in names if n not in measurements.layers]
+    if missing:
+        raise BudgetError(f"the measurements do not cover {missing[0]}; measure again")
     recs = [measurements.layers[n] for n in names]
     costs = [r["costs"] for r in recs]
     errors = [r["errors"] for r in recs]
     numel = [r["numel"] for r in recs]
-    total = sum(numel)
-    budget = math.floor(budget_bpw * total)
+    total = sum(numel) + reserved_numel
+    budget = math.floor(budget_bpw * total) - reserved_bits
     floor = min_cost(costs)
     if floor > budget:
-        smallest = math.ceil(floor / total * 1000) / 1000
-        raise BudgetError(
-            f"a budget of {budget_bpw} bits per weight is below the cheapest plan the candidates allow "
-            f"({smallest} bpw); use --bits {smallest} or more, or add cheaper candidates"
-        )
+        _refuse(budget_bpw, floor + reserved_bits, total, reserved_numel > 0)
     if allocator == "knapsack":
         choice = solve_mckp(costs, errors, budget)
     else:
@@ -71,7 +89,7 @@ def plan_for_budget(measurements: Measurements, budget_bpw: float, allocator: st
             for es, lv in zip(errors, levels, strict=True)
         ]
         choice = baq_plan(sens, numel, levels, costs, budget)
-    spent = sum(c[j] for c, j in zip(costs, choice, strict=True))
+    spent = sum(c[j] for c, j in zip(costs, choice, strict=True)) + reserved_bits
     return Plan(
         formats={n: format_from_dict(measurements.candidates[j]) for n, j in zip(names, choice, strict=True)},
         budget_bpw=budget_bpw,

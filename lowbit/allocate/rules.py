@@ -1,0 +1,63 @@
+"""User rules that pin layers: `--keep "lm_head,*.0.self_attn.*=8bit"`.
+
+A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
+floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
+first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
+`int8-gch` (per channel); the group defaults to the run's --group-size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from lowbit.errors import LowbitError
+from lowbit.formats import Format, IntFormat
+
+_FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?$")
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    pattern: str
+    fmt: Format | None  # None: keep in floating point
+
+
+def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = False) -> Format:
+    m = _FORMAT.match(spec.strip().lower())
+    if not m:
+        raise LowbitError(f"unknown format {spec!r} in --keep; write e.g. 8bit, int4-g64 or int3-g128-sym")
+    bits, group, sym = m.groups()
+    gs = group_size if group is None else (None if group == "ch" else int(group))
+    return IntFormat(int(bits), gs, symmetric if sym is None else sym == "sym")
+
+
+def parse_rules(text: str | None, group_size: int | None = 128, symmetric: bool = False) -> list[KeepRule]:
+    rules = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        pattern, _, spec = part.partition("=")
+        fmt = parse_format(spec, group_size, symmetric) if spec else None
+        rules.append(KeepRule(pattern.strip(), fmt))
+    return rules
+
+
+def apply_rules(
+    layers: list[str], rules: list[KeepRule], other_names: list[str] | tuple[str, ...] = ()
+) -> dict[str, Format | None]:
+    """Pinned layers (name -> format, or None for floating point); every rule must match something."""
+    pinned: dict[str, Format | None] = {}
+    for rule in rules:
+        hits = fnmatch.filter(layers, rule.pattern)
+        if not hits and not (rule.fmt is None and fnmatch.filter(other_names, rule.pattern)):
+            example = layers[0] if layers else "model.layers.0.self_attn.q_proj"
+            raise LowbitError(
+                f"--keep rule {rule.pattern!r} matches no quantizable layer; names look like {example!r} "
+                "(globs: * matches anything, dots included)"
+            )
+        for name in hits:
+            pinned.setdefault(name, rule.fmt)
+    return pinned
