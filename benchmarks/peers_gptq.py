@@ -67,10 +67,15 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--autoround-nsamples", type=int, default=16, help="auto-round tunes by SGD: fewer windows")
     ap.add_argument("--autoround-iters", type=int, default=20)
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds a tool may take before it is stopped")
+    ap.add_argument("--work", type=Path, help="reuse this work folder: tools with results there are not rerun")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lowbit-peers-"))
-    model_dir, windows = export_float(work, args.nsamples)
+    work = args.work or Path(tempfile.mkdtemp(prefix="lowbit-peers-"))
+    if (work / "windows.safetensors").is_file():
+        model_dir, windows = work / "float", work / "windows.safetensors"
+    else:
+        model_dir, windows = export_float(work, args.nsamples)
 
     common = ["--model", str(model_dir), "--windows", str(windows), "--bits", str(args.bits)]
     common += ["--group-size", str(args.group_size), "--damp", "0.01"] + ([] if args.asym else ["--sym"])
@@ -81,12 +86,23 @@ def main() -> None:
         extra = ["--nsamples", str(args.autoround_nsamples), "--iters", str(args.autoround_iters)]
         tools.append(("auto-round", args.autoround_python, "run_autoround.py", extra))
 
-    runs = []
+    runs, failed = [], []
     for name, python, script, extra in tools:
         out = work / name
-        _, wall, rss = timed([python, str(PEERS / script), *common, *extra, "--out", str(out)])
+        if (out / "timing.json").is_file():  # finished in an earlier invocation
+            runs.append(json.loads((out / "timing.json").read_text()))
+            continue
+        cmd = ["timeout", str(args.timeout), python, str(PEERS / script), *common, *extra, "--out", str(out)]
+        try:
+            _, wall, rss = timed(cmd)
+        except SystemExit:
+            failed.append({"tool": name, "failed": f"did not finish within {args.timeout} s (stopped)"})
+            print(f"{name}: stopped after {args.timeout} s", flush=True)
+            continue
         meta = json.loads((out / "meta.json").read_text())
-        runs.append({"tool": name, "command_seconds": wall, "peak_rss_mb": rss, **meta, "dir": str(out)})
+        run = {"tool": name, "command_seconds": wall, "peak_rss_mb": rss, **meta, "dir": str(out)}
+        (out / "timing.json").write_text(json.dumps(run))
+        runs.append(run)
         print(f"{name}: {wall:.0f} s, peak {rss:.0f} MB", flush=True)
 
     loaded = lowbit.load_model(MODEL)
@@ -118,6 +134,7 @@ def main() -> None:
         "format": fmt.to_dict(),
         "nsamples": args.nsamples,
         "runs": runs,
+        "failed": failed,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -130,6 +147,8 @@ def main() -> None:
             f"{r['top1_agreement']:.4f} | {r['command_seconds']:.0f} | "
             f"{r['command_seconds'] / base['command_seconds']:.2f}x | {r['peak_rss_mb']:.0f} |"
         )
+    for f in failed:
+        print(f"| {f['tool']} | | | | | | | {f['failed']} | | |")
 
 
 if __name__ == "__main__":
