@@ -110,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="budget runs: exact knapsack on measured errors (default) or BAQ's closed form",
     )
     q.add_argument(
+        "--weighting",
+        default="stream",
+        choices=["stream", "relative", "raw"],
+        help="budget runs: how layer errors are compared across depths (default stream: relative to the "
+        "residual stream they perturb; see README)",
+    )
+    q.add_argument(
+        "--refine",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="budget runs: then improve the plan for this long by an evolutionary search scored by "
+        "whole-model KL divergence (default 0: off; holds every layer's Pareto candidates in memory)",
+    )
+    q.add_argument(
+        "--refine-windows",
+        type=_positive_int,
+        default=4,
+        help="held-out calibration windows the refinement scores plans on (default 4)",
+    )
+    q.add_argument(
         "--group-size", default="128", help="inputs sharing one scale: a positive integer or 'channel' (default 128)"
     )
     q.add_argument("--sym", action="store_true", help="symmetric grid: no zero point stored")
@@ -120,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="gptq (default): second-order error compensation on calibration data; rtn: round to nearest, no data",
     )
     q.add_argument(
-        "--clip-search", action="store_true", help="rtn only: per group, the range shrink that minimises squared error"
+        "--clip-search",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="per group, search the range shrink with the least error (squared error for rtn, weighted by the "
+        "Hessian diagonal for gptq); default: on for gptq, off for rtn",
     )
     c = q.add_argument_group("calibration (gptq)")
     c.add_argument("--calib", default="c4", help="calibration text: a named data set (c4, wikipedia) or a .txt/.jsonl")
@@ -139,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="calibrate o_proj and the MLP on the outputs of the already quantized layers before them "
         "(default on; off: one Hessian pass per block on float inputs, faster)",
+    )
+    c.add_argument(
+        "--scale-refit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="re-solve group scales for the final codes by least squares on the Hessian (default on)",
     )
     c.add_argument("--calib-batch-size", type=_positive_int, default=8, help="windows per block forward (default 8)")
     c.add_argument(
@@ -228,6 +259,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         act_order=args.act_order,
         true_sequential=args.true_sequential,
         batch_size=args.calib_batch_size,
+        clip_search=args.clip_search is not False,
+        scale_refit=args.scale_refit,
     )
     t1 = time.perf_counter()
     model = quantize(
@@ -236,11 +269,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         budget_bpw=budget,
         measurements=args.measurements,
         allocator=args.allocator,
+        weighting=args.weighting,
+        refine_seconds=args.refine,
+        refine_windows=args.refine_windows,
         keep=args.keep,
         group_size=group_size,
         symmetric=args.sym,
         method=args.method,
-        clip_search=args.clip_search,
+        clip_search=bool(args.clip_search),
         scale_dtype=args.scale_dtype,
         storage_dtype=args.storage_dtype,
         tokenizer=loaded.tokenizer,
@@ -287,6 +323,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         b = info.settings["budget"]
         counts = ", ".join(f"{n} x{c}" for n, c in b["formats"].items())
         print(f"budget {b['bpw']} bpw ({b['allocator']}): achieved {b['achieved_bpw']:.4f}; formats: {counts}")
+        r = b.get("refinement")
+        if r:
+            rho = r["proxy_rank_correlation"]
+            print(
+                f"refinement: held-out KL {r['start_kl']:.4f} -> {r['final_kl']:.4f} in {r['generations']} "
+                f"generations ({r['seconds']:.0f} s); proxy-vs-KL rank correlation "
+                f"{'n/a' if rho is None else f'{rho:.2f}'} over {r['plans_scored']} plans"
+            )
     if evaluation:
         _print_metrics(evaluation)
     return 0
@@ -344,7 +388,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         g = settings.get("gptq", {})
         detail = (
             f"calibration {settings.get('calibration')} {settings.get('nsamples')} x {settings.get('seqlen')}, "
-            f"damp {g.get('percdamp')}, act-order {g.get('act_order')}, true-sequential {g.get('true_sequential')}"
+            f"damp {g.get('percdamp')}, act-order {g.get('act_order')}, true-sequential {g.get('true_sequential')}, "
+            f"clip search {g.get('clip_search', False)}, scale refit {g.get('scale_refit', False)}"
         )
     else:
         detail = f"clip search: {settings.get('clip_search', False)}"
@@ -368,6 +413,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{counts}; measurement {budget['measurement_seconds']:.0f} s"
             f"{' (reused)' if budget['measurements_reused'] else ''}"
         )
+        r = budget.get("refinement")
+        if r:
+            print(
+                f"refinement   held-out KL {r['start_kl']:.4f} -> {r['final_kl']:.4f}, "
+                f"{r['generations']} generations, {r['seconds']:.0f} s"
+            )
     stats = m.get("stats") or {}
     if "quantize_seconds" in stats:
         line = f"{stats['quantize_seconds']:.1f} s"

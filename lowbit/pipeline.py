@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.linalg import blas
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -45,6 +47,18 @@ class GPTQSettings:
     act_order: bool = True  # columns by decreasing diag(H), static groups (much better on smollm2-135m)
     true_sequential: bool = True  # attention inputs, then o_proj, then MLP: each sees the earlier quantized
     batch_size: int = 8  # calibration windows per block forward
+    clip_search: bool = True  # group ranges by a diag(H)-weighted search (solvers.gptq.fit_clipped)
+    scale_refit: bool = True  # least-squares scales for the final codes (solvers.gptq.refit_scales)
+
+    def solver_options(self) -> dict[str, Any]:
+        """Keyword arguments of gptq_quantize."""
+        return {
+            "block_size": self.block_size,
+            "percdamp": self.percdamp,
+            "act_order": self.act_order,
+            "clip_search": self.clip_search,
+            "scale_refit": self.scale_refit,
+        }
 
 
 @dataclass
@@ -136,11 +150,15 @@ def capture_block_calls(model: nn.Module, adapter: ArchAdapter, windows: torch.T
 
 
 class _HessianAccumulator:
-    """Sum of XᵀX over the inputs of one linear (shared by the linears that read the same input)."""
+    """Sum of XᵀX over the inputs of one linear (shared by the linears that read the same input).
+
+    On the CPU the sum is a BLAS symmetric rank-k update (only one triangle is computed:
+    ~1.9x faster than a full matmul for 1536-wide inputs on this machine)."""
 
     def __init__(self, name: str, block_index: int, stop: bool, stats: PipelineStats) -> None:
         self.name, self.block_index, self.stop, self.stats = name, block_index, stop, stats
         self.xtx: torch.Tensor | None = None
+        self._upper: np.ndarray | None = None  # Fortran-ordered float32, upper triangle valid
         self.rows = 0
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
@@ -152,16 +170,30 @@ class _HessianAccumulator:
                 f"NaN or Inf in the calibration inputs of {self.name} (block {self.block_index}); "
                 "the model overflows on this data: compute in float32 or check the calibration text"
             )
-        if self.xtx is None:
-            self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        self.xtx.addmm_(x.t(), x)
+        if x.device.type == "cpu":
+            a = x.numpy().T  # [in, tokens], Fortran order: no copy
+            if self._upper is None:
+                self._upper = np.zeros((a.shape[0], a.shape[0]), dtype=np.float32, order="F")
+            self._upper = blas.ssyrk(1.0, a, beta=1.0, c=self._upper, trans=0, overwrite_c=1)
+        else:
+            if self.xtx is None:
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.xtx.addmm_(x.t(), x)
         self.rows += x.shape[0]
         self.stats.hessian += time.perf_counter() - t0
         if self.stop:
             raise _StopForward
 
+    @property
+    def called(self) -> bool:
+        return self.rows > 0
+
     def hessian(self) -> torch.Tensor:
         """H = 2XᵀX/n, the Hessian of the layer's squared output error."""
+        if self._upper is not None:
+            upper = torch.from_numpy(np.triu(self._upper))
+            self.xtx = upper + torch.triu(upper, diagonal=1).T
+            self._upper = None
         return self.xtx * (2.0 / self.rows)
 
 
@@ -356,7 +388,7 @@ def gptq_pipeline(
             stats.forward += time.perf_counter() - t0 - (stats.hessian - h0)
             t0 = time.perf_counter()
             for group, acc in zip(stage, accs, strict=True):
-                if acc.xtx is None:
+                if not acc.called:
                     raise LowbitError(f"{prefix + group[0]} was never called during calibration; its adapter is wrong")
                 _solve_group(block, prefix, group, plan, acc.hessian(), settings, result, layer_record, pending)
             stats.solve += time.perf_counter() - t0
@@ -415,9 +447,7 @@ def _solve_group(
             torch.cat(weights),
             hessian,
             fmt,
-            block_size=settings.block_size,
-            percdamp=settings.percdamp,
-            act_order=settings.act_order,
+            **settings.solver_options(),
             name=", ".join(prefix + n for n in names),
         )
         parts = res.qt.split_rows([w.shape[0] for w in weights])

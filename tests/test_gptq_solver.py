@@ -107,3 +107,30 @@ def test_hessian_that_stays_indefinite_names_the_layer():
     w = torch.randn(4, 16)
     with pytest.raises(HessianError, match="model.layers.3.mlp.up_proj.*not positive definite"):
         gptq_quantize(w, -torch.eye(16), IntFormat(4, 8), name="model.layers.3.mlp.up_proj")
+
+
+@pytest.mark.parametrize("fmt", [IntFormat(2, 32), IntFormat(3, 40, True), IntFormat(4, None)], ids=lambda f: f.name)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_clip_search_and_scale_refit_lower_the_output_error(fmt, act_order):
+    w, x, h = _layer(seed=3)
+    w[:, 5] *= 6  # an outlier weight column: the absmax grid wastes levels on it
+    plain = gptq_quantize(w, h, fmt, act_order=act_order)
+    clipped = gptq_quantize(w, h, fmt, act_order=act_order, clip_search=True)
+    both = gptq_quantize(w, h, fmt, act_order=act_order, clip_search=True, scale_refit=True)
+    assert clipped.error < plain.error
+    assert both.error < clipped.error
+    # the refit changes scales only; codes stay those GPTQ chose
+    assert torch.equal(both.qt.codes, clipped.qt.codes)
+
+
+def test_scale_refit_recovers_the_scales_that_produced_the_weight():
+    from lowbit.solvers.gptq import refit_scales
+
+    w, _, h = _layer(seed=4)
+    qt = IntFormat(4, 32).quantize_tensor(w)
+    target = qt.dequantize()  # exactly representable with qt's codes and scales
+    g = torch.Generator().manual_seed(0)
+    off = qt.with_scales(qt.scales.float() * (1 + 0.2 * torch.rand(qt.scales.shape, generator=g)))
+    back = refit_scales(off, target, h)
+    torch.testing.assert_close(back.scales.float(), qt.scales.float(), rtol=2e-3, atol=0)
+    torch.testing.assert_close(back.dequantize(), target, rtol=0, atol=1e-2)

