@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -13,9 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.allocate.evolve import PlanEvaluator, Refinement, evolve
 from lowbit.allocate.planner import check_feasible, plan_for_budget
 from lowbit.allocate.rules import KeepRule, apply_rules, parse_rules
-from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
+from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, plan_formats, windows_digest
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
 from lowbit.formats import Format, IntFormat, QuantizedTensor
@@ -26,6 +29,8 @@ from lowbit.runtime import QuantizedLinear
 from lowbit.solvers import rtn_quantize
 
 METHODS = ("gptq", "rtn")
+
+logger = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -122,6 +127,9 @@ def quantize(
     measurements: str | os.PathLike | None = None,
     allocator: str = "knapsack",
     keep: str | list[KeepRule] | None = None,
+    weighting: str = "stream",
+    refine_seconds: float = 0.0,
+    refine_windows: int = 4,
 ) -> nn.Module:
     """Quantize every decoder-block linear of `model` in place; returns the model.
 
@@ -135,7 +143,10 @@ def quantize(
     every candidate once (the measurement pass, saved to and reused from
     `measurements` when given), the `allocator` picks the plan with the least summed
     error within the budget, and GPTQ quantizes with that plan; `bits`/`group_size`
-    are then ignored.
+    are then ignored. Layer errors are compared after `weighting` (see
+    Measurements.weighted_errors). `refine_seconds` > 0 then improves the plan for
+    that long by an evolutionary search scored by whole-model KL divergence on
+    `refine_windows` held-out windows (allocate.evolve).
 
     `keep` pins layers: "PATTERN" keeps matches in floating point, "PATTERN=FORMAT"
     (e.g. "*.0.self_attn.*=8bit") fixes their format; budgets count pinned formats.
@@ -189,7 +200,11 @@ def quantize(
             gptq = gptq or GPTQSettings()
             if budget_bpw is not None:
                 args = (model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator)
-                plan = _plan_from_budget(*args, pinned, settings, progress)
+                refine = None
+                if refine_seconds > 0:
+                    held_out = _held_out_windows(tokenizer, calib, windows, refine_windows)
+                    refine = (refine_seconds, held_out)
+                plan = _plan_from_budget(*args, pinned, settings, progress, weighting, refine)
             plan = {name: f for name, f in plan.items() if f is not None}
             ckpt = None
             if checkpoint_dir is not None:
@@ -216,20 +231,45 @@ def quantize(
     return model
 
 
+def _held_out_windows(tokenizer, calib: str | torch.Tensor, windows: torch.Tensor, n: int) -> torch.Tensor:
+    """Windows the refinement scores plans on: drawn with another seed from the calibration
+    text, or (for ready token windows, where nothing else exists) the last `n` of them."""
+    if isinstance(calib, torch.Tensor):
+        return windows[-n:]
+    return calibration_data(tokenizer, calib, n, windows.shape[1], seed=1)
+
+
 def _plan_from_budget(
-    model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator, pinned, settings, progress
+    model,
+    adapter,
+    targets,
+    cands,
+    windows,
+    gptq,
+    budget_bpw,
+    measurements,
+    allocator,
+    pinned,
+    settings,
+    progress,
+    weighting: str = "stream",
+    refine: tuple[float, torch.Tensor] | None = None,
 ) -> dict[str, Format | None]:
-    """Measure (or reuse measurements), then allocate the layers not pinned; records the plan
-    in `settings`. Every layer is measured, pinned or not, so the file serves other rules too."""
+    """Measure (or reuse measurements), allocate the layers not pinned, optionally refine the plan
+    by measured KL; records the plan in `settings`. Every layer is measured, pinned or not, so
+    the file serves other rules too."""
     names = [n for n, _ in targets]
     key = (model_digest(model), windows_digest(windows), [f.to_dict() for f in cands])
     path = Path(measurements) if measurements is not None else None
-    if path is not None and path.exists():
+    if path is not None and path.exists() and refine is None:
         meas = Measurements.load(path)
         meas.check_matches(*key, path=str(path))
         reused = True
     else:
-        meas = measure(model, adapter, names, cands, windows, gptq, progress)
+        if path is not None and path.exists():
+            Measurements.load(path).check_matches(*key, path=str(path))
+            logger.warning("refinement needs every candidate's weights: measuring again (the file has errors only)")
+        meas = measure(model, adapter, names, cands, windows, gptq, progress, keep_weights=refine is not None)
         if path is not None:
             meas.save(path)
         reused = False
@@ -243,7 +283,16 @@ def _plan_from_budget(
         layers=[n for n in names if n not in pinned],
         reserved_bits=sum(f.storage_bits(*shapes[n]) for n, f in fixed.items()),
         reserved_numel=sum(shapes[n].numel() for n in fixed),
+        weighting=weighting,
     )
+    planning_seconds = time.perf_counter() - t0
+    refinement = None
+    if refine is not None:
+        refinement = _refine(model, meas, plan, refine, weighting, budget_bpw, shapes, fixed, progress)
+        plan.formats = plan_formats(meas, refinement.choice)
+        spent = sum(meas.layers[n]["costs"][j] for n, j in refinement.choice.items())
+        spent += sum(f.storage_bits(*shapes[n]) for n, f in fixed.items())
+        plan.achieved_bpw = spent / sum(shapes[n].numel() for n in [*refinement.choice, *fixed])
     settings["budget"] = {
         "bpw": budget_bpw,
         "achieved_bpw": plan.achieved_bpw,
@@ -253,9 +302,33 @@ def _plan_from_budget(
         "candidates": [f.to_dict() for f in cands],
         "measurement_seconds": meas.seconds,
         "measurements_reused": reused,
-        "planning_seconds": time.perf_counter() - t0,
+        "planning_seconds": planning_seconds,
+        "weighting": weighting,
+        "refinement": refinement.to_dict() if refinement is not None else None,
     }
     return {**pinned, **plan.formats}
+
+
+def _refine(model, meas, plan, refine, weighting, budget_bpw, shapes, fixed, progress) -> Refinement:
+    """Run the evolutionary refinement from the allocator's plan, within the same bit budget."""
+    seconds, held_out = refine
+    free = list(plan.choice)
+    total = sum(s.numel() for n, s in shapes.items() if n in plan.choice or n in fixed)
+    budget = math.floor(budget_bpw * total) - sum(f.storage_bits(*shapes[n]) for n, f in fixed.items())
+    evaluator = PlanEvaluator(model, {n: meas.bank[n] for n in free}, held_out)
+    try:
+        return evolve(
+            evaluator,
+            plan.choice,
+            costs={n: meas.layers[n]["costs"] for n in free},
+            proxy={n: meas.weighted_errors(n, weighting) for n in free},
+            budget=budget,
+            time_limit=seconds,
+            progress=progress,
+        )
+    finally:
+        evaluator.restore()
+        meas.bank = None
 
 
 def _format_counts(plan: dict[str, Format]) -> dict[str, int]:

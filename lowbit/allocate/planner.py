@@ -19,8 +19,9 @@ class Plan:
     formats: dict[str, Format]  # layer -> chosen format
     budget_bpw: float
     achieved_bpw: float
-    predicted_error: float  # summed measured error of the chosen candidates
+    predicted_error: float  # summed (weighted) measured error of the chosen candidates
     allocator: str
+    choice: dict[str, int] | None = None  # layer -> index into the measured candidates
 
     def summary(self) -> dict[str, int]:
         """How many layers got each format."""
@@ -60,10 +61,12 @@ def plan_for_budget(
     layers: list[str] | None = None,
     reserved_bits: int = 0,
     reserved_numel: int = 0,
+    weighting: str = "stream",
 ) -> Plan:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
-    `budget_bpw`."""
+    `budget_bpw`. Errors are compared across layers after `weighting`
+    (Measurements.weighted_errors)."""
     if allocator not in ALLOCATORS:
         raise BudgetError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
     names = list(measurements.layers) if layers is None else layers
@@ -72,7 +75,7 @@ def plan_for_budget(
         raise BudgetError(f"the measurements do not cover {missing[0]}; measure again")
     recs = [measurements.layers[n] for n in names]
     costs = [r["costs"] for r in recs]
-    errors = [r["errors"] for r in recs]
+    errors = [measurements.weighted_errors(n, weighting) for n in names]
     numel = [r["numel"] for r in recs]
     total = sum(numel) + reserved_numel
     budget = math.floor(budget_bpw * total) - reserved_bits
@@ -96,4 +99,5 @@ def plan_for_budget(
         achieved_bpw=spent / total,
         predicted_error=sum(e[j] for e, j in zip(errors, choice, strict=True)),
         allocator=allocator,
+        choice=dict(zip(names, choice, strict=True)),
     )

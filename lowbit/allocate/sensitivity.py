@@ -34,7 +34,8 @@ from lowbit.pipeline import (
 )
 from lowbit.solvers.gptq import gptq_quantize, hessian_weighted_error
 
-MEASUREMENT_VERSION = 1
+MEASUREMENT_VERSION = 2
+WEIGHTINGS = ("stream", "relative", "raw")
 
 
 class MeasurementMismatchError(LowbitError):
@@ -59,10 +60,28 @@ class Measurements:
     candidates: list[dict[str, Any]]
     settings: dict[str, Any]
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> shape, numel, block, costs, errors
+    stream: dict[str, float] = field(default_factory=dict)  # block -> median squared norm of its input
     seconds: float = 0.0
+    bank: dict[str, dict[int, torch.Tensor]] | None = field(default=None, repr=False)  # not saved
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": MEASUREMENT_VERSION, **self.__dict__}
+        return {"version": MEASUREMENT_VERSION, **{k: v for k, v in self.__dict__.items() if k != "bank"}}
+
+    def weighted_errors(self, name: str, weighting: str = "stream") -> list[float]:
+        """A layer's candidate errors on a scale comparable across layers and depths.
+
+        raw: tr(dW H dWᵀ), the layer's own output error; relative: divided by tr(W H Wᵀ);
+        stream: divided by the median squared norm of the residual stream entering the
+        layer's block, i.e. the error as a fraction of the signal it perturbs (the
+        stream grows with depth, so raw errors overrate deep layers)."""
+        rec = self.layers[name]
+        if weighting == "raw":
+            return list(rec["errors"])
+        if weighting == "relative":
+            return [e / max(rec["base"], 1e-300) for e in rec["errors"]]
+        if weighting == "stream":
+            return [e / max(self.stream[str(rec["block"])], 1e-300) for e in rec["errors"]]
+        raise LowbitError(f"unknown error weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -103,15 +122,21 @@ def measure(
     windows: torch.Tensor,
     settings: GPTQSettings | None = None,
     progress: bool = True,
+    keep_weights: bool | str = False,
 ) -> Measurements:
-    """Solve every layer in `layers` (full names) with every candidate; the model is not changed."""
+    """Solve every layer in `layers` (full names) with every candidate; the model is not changed.
+
+    With `keep_weights`, the dequantized weights (float16) of each layer's Pareto-optimal
+    candidates (no other candidate both cheaper and more accurate) stay in `bank`, for
+    the refinement that evaluates whole plans (allocate.evolve); "all" keeps every
+    candidate's (benchmarks compare uniform plans with it)."""
     settings = settings or GPTQSettings()
     t_start = time.perf_counter()
     result = Measurements(
         model=model_digest(model),
         calibration=windows_digest(windows),
         candidates=[f.to_dict() for f in candidates],
-        settings={"percdamp": settings.percdamp, "act_order": settings.act_order, "block_size": settings.block_size},
+        settings=settings.solver_options(),
     )
     wanted = set(layers)
     blocks = decoder_blocks(model, adapter)
@@ -129,6 +154,7 @@ def measure(
             accs.append(acc)
         try:
             outputs = _run_block(block, inputs, calls, i)  # float block: the next inputs, and every Hessian
+            result.stream[str(i)] = torch.cat([x.pow(2).sum(-1).reshape(-1) for x in inputs]).median().item()
         finally:
             for handle in handles:
                 handle.remove()
@@ -137,6 +163,7 @@ def measure(
             weights = [linear_weight(block.get_submodule(n)).detach().float() for n in group]
             stacked = torch.cat(weights)
             recs = {}
+            solved: dict[str, list[torch.Tensor]] = {name: [] for name in group}
             for name, w in zip(group, weights, strict=True):
                 recs[name] = {"block": i, "shape": list(w.shape), "numel": w.numel(), "costs": [], "errors": []}
                 recs[name]["base"] = hessian_weighted_error(w.double(), h.double())  # tr(W H Wᵀ)
@@ -145,9 +172,7 @@ def measure(
                     stacked,
                     h,
                     fmt,
-                    block_size=settings.block_size,
-                    percdamp=settings.percdamp,
-                    act_order=settings.act_order,
+                    **settings.solver_options(),
                     name=", ".join(prefix + n for n in group),
                 )
                 parts = res.qt.split_rows([w.shape[0] for w in weights])
@@ -155,11 +180,29 @@ def measure(
                     dw = (w - qt.dequantize()).double()
                     recs[name]["costs"].append(fmt.storage_bits(*w.shape))
                     recs[name]["errors"].append(hessian_weighted_error(dw, h.double()))
+                    if keep_weights:
+                        solved[name].append(qt.dequantize().to(torch.float16))
             for name, rec in recs.items():
                 result.layers[prefix + name] = rec
+                if keep_weights:
+                    every = range(len(candidates))
+                    front = every if keep_weights == "all" else pareto_front(rec["costs"], rec["errors"])
+                    result.bank = result.bank or {}
+                    result.bank[prefix + name] = {j: solved[name][j] for j in front}
         inputs = outputs
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def pareto_front(costs: list[int], errors: list[float]) -> list[int]:
+    """Candidate indices, cheapest first, each strictly more accurate than every cheaper one."""
+    front: list[int] = []
+    for j in sorted(range(len(costs)), key=lambda j: (costs[j], errors[j])):
+        if not front or errors[j] < errors[front[-1]]:
+            if front and costs[j] == costs[front[-1]]:
+                continue
+            front.append(j)
+    return front
 
 
 def plan_formats(measurements: Measurements, choice: dict[str, int]) -> dict[str, Format]:
