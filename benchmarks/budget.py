@@ -9,7 +9,7 @@ the full `lowbit quantize` (uniform and knapsack) at budget B for the end-to-end
 
 Plans per budget: the best uniform candidate that fits (largest bpw within the budget),
 the knapsack plan under each error weighting (stream, relative, raw), BAQ's closed form,
-and the knapsack(stream) plan refined by the evolutionary search on 4 held-out C4 windows.
+and the knapsack plan (--start-weighting, default relative) refined by the evolutionary search on 4 held-out C4 windows.
 The rank correlation of each weighting's proxy with measured KL is taken over the plans
 the refinement scored (all at the same budget).
 
@@ -48,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", type=float, nargs="*", default=BUDGETS)
     ap.add_argument("--refine", type=float, default=180.0, help="refinement seconds per budget")
+    ap.add_argument("--start-weighting", default="relative", help="the knapsack plan the refinement starts from")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--measurements", type=Path, default=Path("/tmp/lowbit-budget-measurements.json"))
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -103,20 +104,20 @@ def main() -> None:
             t = time.perf_counter()
             plans[f"knapsack/{w}"] = plan_for_budget(meas, budget, "knapsack", weighting=w)
             row.setdefault("planning_seconds", time.perf_counter() - t)
-        plans["baq/stream"] = plan_for_budget(meas, budget, "baq", weighting="stream")
+        plans[f"baq/{args.start_weighting}"] = plan_for_budget(meas, budget, "baq", weighting=args.start_weighting)
         for label, plan in plans.items():
             row["plans"][label] = score(plan.choice)
             print(budget, label, row["plans"][label], flush=True)
 
         scorer.restore()  # the float weights back before the refinement takes its own copy
-        start = plans["knapsack/stream"].choice
+        start = plans[f"knapsack/{args.start_weighting}"].choice
         front_bank = {n: {j: bank[n][j] for j in pareto_front(costs[n], meas.layers[n]["errors"])} for n in names}
         evaluator = PlanEvaluator(model, front_bank, held_out)
-        proxy = {n: meas.weighted_errors(n, "stream") for n in names}
+        proxy = {n: meas.weighted_errors(n, args.start_weighting) for n in names}
         res = evolve(evaluator, start, costs, proxy, int(budget * numel), time_limit=args.refine, progress=False)
         row["refinement"] = res.to_dict()
         scorer.restore()
-        row["plans"]["refined (knapsack/stream + evolve)"] = score(res.choice)
+        row["plans"][f"refined (knapsack/{args.start_weighting} + evolve)"] = score(res.choice)
         row["rank_correlation"] = {
             w: float(
                 spearmanr(

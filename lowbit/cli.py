@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--weighting",
-        default="stream",
-        choices=["stream", "relative", "raw"],
-        help="budget runs: how layer errors are compared across depths (default stream: relative to the "
-        "residual stream they perturb; see README)",
+        default="relative",
+        choices=["relative", "stream", "raw"],
+        help="budget runs: how layer errors are compared across layers and depths (default relative: each "
+        "layer's error as a fraction of its own output energy; see README and BENCHMARKS.md)",
     )
     q.add_argument(
         "--refine",

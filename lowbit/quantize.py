@@ -127,7 +127,7 @@ def quantize(
     measurements: str | os.PathLike | None = None,
     allocator: str = "knapsack",
     keep: str | list[KeepRule] | None = None,
-    weighting: str = "stream",
+    weighting: str = "relative",
     refine_seconds: float = 0.0,
     refine_windows: int = 4,
 ) -> nn.Module:
@@ -252,7 +252,7 @@ def _plan_from_budget(
     pinned,
     settings,
     progress,
-    weighting: str = "stream",
+    weighting: str = "relative",
     refine: tuple[float, torch.Tensor] | None = None,
 ) -> dict[str, Format | None]:
     """Measure (or reuse measurements), allocate the layers not pinned, optionally refine the plan

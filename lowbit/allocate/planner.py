@@ -61,7 +61,7 @@ def plan_for_budget(
     layers: list[str] | None = None,
     reserved_bits: int = 0,
     reserved_numel: int = 0,
-    weighting: str = "stream",
+    weighting: str = "relative",
 ) -> Plan:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
