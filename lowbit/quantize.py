@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from lowbit.allocate.evolve import PlanEvaluator, Refinement, evolve
 from lowbit.allocate.planner import check_feasible, plan_for_budget
 from lowbit.allocate.rules import KeepRule, apply_rules, parse_rules
-from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, plan_formats, windows_digest
+from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
 from lowbit.formats import Format, IntFormat, QuantizedTensor
@@ -288,11 +287,8 @@ def _plan_from_budget(
     planning_seconds = time.perf_counter() - t0
     refinement = None
     if refine is not None:
-        refinement = _refine(model, meas, plan, refine, weighting, budget_bpw, shapes, fixed, progress)
-        plan.formats = plan_formats(meas, refinement.choice)
-        spent = sum(meas.layers[n]["costs"][j] for n, j in refinement.choice.items())
-        spent += sum(f.storage_bits(*shapes[n]) for n, f in fixed.items())
-        plan.achieved_bpw = spent / sum(shapes[n].numel() for n in [*refinement.choice, *fixed])
+        refinement = _refine(model, meas, plan, refine, weighting, progress)
+        plan = plan.with_choice(meas, refinement.choice, weighting)
     settings["budget"] = {
         "bpw": budget_bpw,
         "achieved_bpw": plan.achieved_bpw,
@@ -309,12 +305,10 @@ def _plan_from_budget(
     return {**pinned, **plan.formats}
 
 
-def _refine(model, meas, plan, refine, weighting, budget_bpw, shapes, fixed, progress) -> Refinement:
+def _refine(model, meas, plan, refine, weighting, progress) -> Refinement:
     """Run the evolutionary refinement from the allocator's plan, within the same bit budget."""
     seconds, held_out = refine
     free = list(plan.choice)
-    total = sum(s.numel() for n, s in shapes.items() if n in plan.choice or n in fixed)
-    budget = math.floor(budget_bpw * total) - sum(f.storage_bits(*shapes[n]) for n, f in fixed.items())
     evaluator = PlanEvaluator(model, {n: meas.bank[n] for n in free}, held_out)
     try:
         return evolve(
@@ -322,7 +316,7 @@ def _refine(model, meas, plan, refine, weighting, budget_bpw, shapes, fixed, pro
             plan.choice,
             costs={n: meas.layers[n]["costs"] for n in free},
             proxy={n: meas.weighted_errors(n, weighting) for n in free},
-            budget=budget,
+            budget=plan.budget_bits,
             time_limit=seconds,
             progress=progress,
         )

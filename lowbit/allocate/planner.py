@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lowbit.allocate.baq import baq_plan
 from lowbit.allocate.knapsack import min_cost, solve_mckp
-from lowbit.allocate.sensitivity import Measurements
+from lowbit.allocate.sensitivity import Measurements, plan_formats
 from lowbit.errors import BudgetError
-from lowbit.formats import Format, format_from_dict
+from lowbit.formats import Format
 
 ALLOCATORS = ("knapsack", "baq")
 
@@ -21,7 +21,21 @@ class Plan:
     achieved_bpw: float
     predicted_error: float  # summed (weighted) measured error of the chosen candidates
     allocator: str
-    choice: dict[str, int] | None = None  # layer -> index into the measured candidates
+    choice: dict[str, int]  # layer -> index into the measured candidates
+    budget_bits: int  # bits the planned layers may use (pinned layers' bits already taken off)
+    reserved_bits: int = 0  # pinned layers' bits
+    total_numel: int = 0  # weights the budget is spread over, pinned layers included
+
+    def with_choice(self, measurements: Measurements, choice: dict[str, int], weighting: str) -> Plan:
+        """The same budget with another choice (e.g. a refined one), its figures recomputed."""
+        spent = sum(measurements.layers[n]["costs"][j] for n, j in choice.items()) + self.reserved_bits
+        return replace(
+            self,
+            formats=plan_formats(measurements, choice),
+            achieved_bpw=spent / self.total_numel,
+            predicted_error=sum(measurements.weighted_errors(n, weighting)[j] for n, j in choice.items()),
+            choice=dict(choice),
+        )
 
     def summary(self) -> dict[str, int]:
         """How many layers got each format."""
@@ -94,10 +108,13 @@ def plan_for_budget(
         choice = baq_plan(sens, numel, levels, costs, budget)
     spent = sum(c[j] for c, j in zip(costs, choice, strict=True)) + reserved_bits
     return Plan(
-        formats={n: format_from_dict(measurements.candidates[j]) for n, j in zip(names, choice, strict=True)},
+        formats=plan_formats(measurements, dict(zip(names, choice, strict=True))),
         budget_bpw=budget_bpw,
         achieved_bpw=spent / total,
         predicted_error=sum(e[j] for e, j in zip(errors, choice, strict=True)),
         allocator=allocator,
         choice=dict(zip(names, choice, strict=True)),
+        budget_bits=budget,
+        reserved_bits=reserved_bits,
+        total_numel=total,
     )

@@ -73,8 +73,8 @@ class Measurements:
         raw: tr(dW H dWᵀ), the layer's own output error; relative (default): divided by
         tr(W H Wᵀ), the error as a fraction of the layer's output energy; stream: divided
         by the median squared norm of the residual stream entering the layer's block.
-        On smollm2-135m at 2.5-3.5 bpw, knapsack plans under `relative` had 25-35 % lower KL than under
-        `stream` or `raw` at 2.5 and 3.0 bpw (BENCHMARKS.md)."""
+        On smollm2-135m at 2.5-3.5 bpw, knapsack plans under `relative` had 25-35 % lower
+        KL than under `stream` or `raw` (BENCHMARKS.md)."""
         rec = self.layers[name]
         if weighting == "raw":
             return list(rec["errors"])
@@ -178,11 +178,11 @@ def measure(
                 )
                 parts = res.qt.split_rows([w.shape[0] for w in weights])
                 for name, w, qt in zip(group, weights, parts, strict=True):
-                    dw = (w - qt.dequantize()).double()
+                    deq = qt.dequantize()
                     recs[name]["costs"].append(fmt.storage_bits(*w.shape))
-                    recs[name]["errors"].append(hessian_weighted_error(dw, h.double()))
+                    recs[name]["errors"].append(hessian_weighted_error((w - deq).double(), h.double()))
                     if keep_weights:
-                        solved[name].append(qt.dequantize().to(torch.float16))
+                        solved[name].append(deq.to(torch.float16))
             for name, rec in recs.items():
                 result.layers[prefix + name] = rec
                 if keep_weights:
