@@ -9,7 +9,9 @@ the full `lowbit quantize` (uniform and knapsack) at budget B for the end-to-end
 
 Plans per budget: the best uniform candidate that fits (largest bpw within the budget),
 the knapsack plan under each error weighting (stream, relative, raw), BAQ's closed form,
-and the knapsack plan (--start-weighting, default relative) refined by the evolutionary search on 4 held-out C4 windows.
+and the refined plan: the evolutionary search on 4 held-out C4 windows, started from whichever of
+the knapsack plans, BAQ's and the two dearest uniform formats scores best there
+(planner.starting_plans, as `lowbit quantize --refine` does).
 The rank correlation of each weighting's proxy with measured KL is taken over the plans
 the refinement scored (all at the same budget).
 
@@ -32,6 +34,7 @@ from foundation import MODEL  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit.allocate import plan_for_budget  # noqa: E402
 from lowbit.allocate.evolve import PlanEvaluator, evolve  # noqa: E402
+from lowbit.allocate.planner import starting_plans  # noqa: E402
 from lowbit.allocate.sensitivity import default_candidates, measure, pareto_front  # noqa: E402
 from lowbit.eval import evaluate_windows, protocol_windows  # noqa: E402
 from lowbit.eval.reference import cached_reference  # noqa: E402
@@ -110,14 +113,15 @@ def main() -> None:
             print(budget, label, row["plans"][label], flush=True)
 
         scorer.restore()  # the float weights back before the refinement takes its own copy
-        start = plans[f"knapsack/{args.start_weighting}"].choice
+        base = plans[f"knapsack/{args.start_weighting}"]
+        starts = starting_plans(meas, base, args.start_weighting)
         front_bank = {n: {j: bank[n][j] for j in pareto_front(costs[n], meas.layers[n]["errors"])} for n in names}
         evaluator = PlanEvaluator(model, front_bank, held_out)
         proxy = {n: meas.weighted_errors(n, args.start_weighting) for n in names}
-        res = evolve(evaluator, start, costs, proxy, int(budget * numel), time_limit=args.refine, progress=False)
+        res = evolve(evaluator, starts, costs, proxy, base.budget_bits, time_limit=args.refine, progress=False)
         row["refinement"] = res.to_dict()
         scorer.restore()
-        row["plans"][f"refined (knapsack/{args.start_weighting} + evolve)"] = score(res.choice)
+        row["plans"][f"refined (from {res.start}, best of {len(starts)} starts on held-out KL)"] = score(res.choice)
         row["rank_correlation"] = {
             w: float(
                 spearmanr(

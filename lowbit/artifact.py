@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit.errors import ArtifactError, LowbitError
+from lowbit.errors import ArtifactError, BudgetError, LowbitError
 from lowbit.formats import format_from_dict
 from lowbit.quantize import STORAGE_DTYPES, QuantizationInfo
 from lowbit.runtime import QuantizedLinear
@@ -67,6 +67,18 @@ def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, t
     return tensors, tied
 
 
+def _check_size(weights: Path, info: QuantizationInfo) -> None:
+    """A size budget is a promise: refuse to write an artifact that breaks it (the planner counts
+    exact packed bytes, so this only fires if its accounting and the file disagree)."""
+    limit = (info.settings.get("budget") or {}).get("size_bytes")
+    actual = weights.stat().st_size
+    if limit is not None and actual > limit:
+        raise BudgetError(
+            f"the weights file would be {actual} bytes, over the --size budget of {limit}; "
+            "nothing was written: please report this, and use a slightly smaller --size meanwhile"
+        )
+
+
 def save(
     model: nn.Module,
     out: str | os.PathLike,
@@ -86,6 +98,7 @@ def save(
     try:
         tensors, tied = _packed_state(model, info)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "lowbit"})
+        _check_size(tmp / WEIGHTS, info)
         config = model.config.to_dict()
         config["quantization_config"] = {
             "quant_method": "lowbit",

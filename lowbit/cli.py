@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--bpw", type=float, help="average budget in bits per weight (like a fractional --bits)")
     q.add_argument(
+        "--size",
+        help="budget for the whole weights file, float embeddings/head/norms and header included, e.g. 70MB "
+        "(10^6 bytes) or 64MiB; layers get formats by their exact packed bytes",
+    )
+    q.add_argument(
         "--measurements",
         help="budget runs: JSON file of per-layer errors; written by the first run, reused by later ones "
         "(same model, calibration and candidates) so a new budget plans in seconds",
@@ -222,6 +227,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.allocate.size import parse_size
     from lowbit.artifact import check_output_dir, save
     from lowbit.eval import evaluate_windows, protocol_windows, reference_perplexity
     from lowbit.eval.reference import cached_reference
@@ -230,12 +236,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.pipeline import GPTQSettings
     from lowbit.quantize import quantize
 
-    if args.bits is None and args.bpw is None:
-        raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25) or --bpw")
-    bits = _bits(args.bits) if args.bits is not None else float(args.bpw)
+    size_bytes = parse_size(args.size) if args.size is not None else None
+    if args.bits is None and args.bpw is None and size_bytes is None:
+        raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25), --bpw or --size")
+    if size_bytes is not None and (args.bits is not None or args.bpw is not None):
+        raise LowbitError("give --bits/--bpw or --size, not both")
+    bits = _bits(args.bits) if args.bits is not None else (float(args.bpw) if args.bpw is not None else 4)
     budget = args.bpw if args.bpw is not None else (bits if isinstance(bits, float) else None)
     group_size = _group_size(args.group_size)
-    if budget is None:
+    if budget is None and size_bytes is None:
         IntFormat(bits, group_size, args.sym, args.scale_dtype)  # validate before any slow work
     check_output_dir(args.out, args.overwrite)
     ckpt_dir = resume_dir(args.out) if args.method == "gptq" else None
@@ -267,6 +276,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         loaded.model,
         bits=bits if budget is None else 4,
         budget_bpw=budget,
+        size_bytes=size_bytes,
         measurements=args.measurements,
         allocator=args.allocator,
         weighting=args.weighting,
@@ -322,7 +332,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if "budget" in info.settings:
         b = info.settings["budget"]
         counts = ", ".join(f"{n} x{c}" for n, c in b["formats"].items())
-        print(f"budget {b['bpw']} bpw ({b['allocator']}): achieved {b['achieved_bpw']:.4f}; formats: {counts}")
+        if b.get("size_bytes"):
+            weights = manifest["sizes"]["weights_bytes"]
+            print(
+                f"size budget {b['size_bytes'] / 1e6:.2f} MB ({b['allocator']}): weights file {weights / 1e6:.2f} MB, "
+                f"{b['fixed_bytes'] / 1e6:.2f} MB of it float or pinned; formats: {counts}"
+            )
+        else:
+            print(f"budget {b['bpw']} bpw ({b['allocator']}): achieved {b['achieved_bpw']:.4f}; formats: {counts}")
         r = b.get("refinement")
         if r:
             rho = r["proxy_rank_correlation"]
@@ -408,8 +425,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     budget = settings.get("budget")
     if budget:
         counts = ", ".join(f"{n} x{c}" for n, c in budget["formats"].items())
+        if budget.get("size_bytes"):
+            print(
+                f"size         budget {budget['size_bytes'] / 1e6:.2f} MB, weights file "
+                f"{m['sizes']['weights_bytes'] / 1e6:.2f} MB ({budget['fixed_bytes'] / 1e6:.2f} MB float or pinned)"
+            )
         print(
-            f"plan         budget {budget['bpw']} bpw, achieved {budget['achieved_bpw']:.4f} ({budget['allocator']}); "
+            f"plan         budget {budget['bpw']:.4g} bpw, achieved {budget['achieved_bpw']:.4f} "
+            f"({budget['allocator']}); "
             f"{counts}; measurement {budget['measurement_seconds']:.0f} s"
             f"{' (reused)' if budget['measurements_reused'] else ''}"
         )
@@ -418,6 +441,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(
                 f"refinement   held-out KL {r['start_kl']:.4f} -> {r['final_kl']:.4f}, "
                 f"{r['generations']} generations, {r['seconds']:.0f} s"
+                + (f"; started from {r['start']}" if r.get("start") else "")
             )
     stats = m.get("stats") or {}
     if "quantize_seconds" in stats:

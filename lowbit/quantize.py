@@ -15,9 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.allocate.evolve import PlanEvaluator, Refinement, evolve
-from lowbit.allocate.planner import check_feasible, plan_for_budget
+from lowbit.allocate.planner import check_feasible, plan_for_budget, starting_plans
 from lowbit.allocate.rules import KeepRule, apply_rules, parse_rules
 from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
+from lowbit.allocate.size import fixed_bytes, header_allowance, layer_bytes, linear_bit_budget
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
 from lowbit.formats import Format, IntFormat, QuantizedTensor
@@ -129,6 +130,7 @@ def quantize(
     weighting: str = "relative",
     refine_seconds: float = 0.0,
     refine_windows: int = 4,
+    size_bytes: int | None = None,
 ) -> nn.Module:
     """Quantize every decoder-block linear of `model` in place; returns the model.
 
@@ -145,7 +147,9 @@ def quantize(
     are then ignored. Layer errors are compared after `weighting` (see
     Measurements.weighted_errors). `refine_seconds` > 0 then improves the plan for
     that long by an evolutionary search scored by whole-model KL divergence on
-    `refine_windows` held-out windows (allocate.evolve).
+    `refine_windows` held-out windows (allocate.evolve). `size_bytes` instead budgets
+    the whole weights file (float embeddings, norms and header included) by the
+    candidates' exact packed bytes (allocate.size).
 
     `keep` pins layers: "PATTERN" keeps matches in floating point, "PATTERN=FORMAT"
     (e.g. "*.0.self_attn.*=8bit") fixes their format; budgets count pinned formats.
@@ -164,8 +168,11 @@ def quantize(
     adapter = get_adapter(model.config.model_type)
     check_finite(model)
     windows = None
-    if budget_bpw is not None and method != "gptq":
-        raise LowbitError("a bit budget needs --method gptq (the measurement pass solves every candidate with it)")
+    if budget_bpw is not None and size_bytes is not None:
+        raise LowbitError("give a bit budget (--bits/--bpw) or a size (--size), not both")
+    budgeted = budget_bpw is not None or size_bytes is not None
+    if budgeted and method != "gptq":
+        raise LowbitError("a budget needs --method gptq (the measurement pass solves every candidate with it)")
     cands = candidates or default_candidates(symmetric)
     rules = keep if isinstance(keep, list) else parse_rules(keep, group_size, symmetric)
     shapes = {n: tuple(linear_weight(m).shape) for n, m in quantizable_linears(model, adapter)}
@@ -174,6 +181,7 @@ def quantize(
         free = [s for n, s in shapes.items() if n not in pinned]
         reserved = [(f.storage_bits(*shapes[n]), shapes[n][0] * shapes[n][1]) for n, f in pinned.items() if f]
         check_feasible(free, cands, budget_bpw, sum(r[0] for r in reserved), sum(r[1] for r in reserved))
+    size = _size_budget(model, shapes, pinned, cands, size_bytes, storage_dtype) if size_bytes is not None else None
     if method == "gptq":
         windows = calibration_data(tokenizer, calib, nsamples, seqlen)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -182,7 +190,7 @@ def quantize(
                 f"calibration windows of {windows.shape[1]} tokens exceed the model's context of {context}; "
                 f"use --seqlen {context} or less"
             )
-    settings: dict[str, Any] = {"format": fmt.to_dict() if budget_bpw is None else None}
+    settings: dict[str, Any] = {"format": None if budgeted else fmt.to_dict()}
     if method == "rtn":
         settings["clip_search"] = clip_search
     if rules:
@@ -197,13 +205,13 @@ def quantize(
             _quantize_rtn(model, targets, plan, clip_search, info, progress)
         else:
             gptq = gptq or GPTQSettings()
-            if budget_bpw is not None:
+            if budgeted:
                 args = (model, adapter, targets, cands, windows, gptq, budget_bpw, measurements, allocator)
                 refine = None
                 if refine_seconds > 0:
                     held_out = _held_out_windows(tokenizer, calib, windows, refine_windows)
                     refine = (refine_seconds, held_out)
-                plan = _plan_from_budget(*args, pinned, settings, progress, weighting, refine)
+                plan = _plan_from_budget(*args, pinned, settings, progress, weighting, refine, size)
             plan = {name: f for name, f in plan.items() if f is not None}
             ckpt = None
             if checkpoint_dir is not None:
@@ -230,6 +238,32 @@ def quantize(
     return model
 
 
+@dataclass
+class SizeBudget:
+    """A byte budget turned into bits for the planned linears, with their exact packed costs."""
+
+    size_bytes: int
+    fixed_bytes: int  # float tensors, pinned layers, header allowance
+    linear_bits: int
+    costs: dict[str, list[int]]  # layer -> 8 x packed bytes of each candidate
+
+    def record(self, plan) -> dict[str, Any]:
+        spent = sum(self.costs[n][j] for n, j in plan.choice.items()) // 8
+        planned = self.fixed_bytes + spent
+        return {"size_bytes": self.size_bytes, "fixed_bytes": self.fixed_bytes, "planned_bytes": planned}
+
+
+def _size_budget(model, shapes, pinned, cands, size_bytes: int, storage_dtype: str) -> SizeBudget:
+    """Refuses an infeasible size before any slow work, naming the smallest feasible one."""
+    quantized = {n for n in shapes if pinned.get(n, True) is not None}
+    fixed, tensors = fixed_bytes(model, quantized, STORAGE_DTYPES[storage_dtype])
+    fixed += sum(layer_bytes(f, *shapes[n]) for n, f in pinned.items() if f is not None)
+    fixed += header_allowance(tensors + 3 * len(quantized))
+    costs = {n: [8 * layer_bytes(c, *s) for c in cands] for n, s in shapes.items() if n not in pinned}
+    floor = sum(min(c) for c in costs.values()) // 8
+    return SizeBudget(size_bytes, fixed, linear_bit_budget(size_bytes, fixed, floor), costs)
+
+
 def _held_out_windows(tokenizer, calib: str | torch.Tensor, windows: torch.Tensor, n: int) -> torch.Tensor:
     """Windows the refinement scores plans on: drawn with another seed from the calibration
     text, or (for ready token windows, where nothing else exists) the last `n` of them."""
@@ -253,6 +287,7 @@ def _plan_from_budget(
     progress,
     weighting: str = "relative",
     refine: tuple[float, torch.Tensor] | None = None,
+    size: SizeBudget | None = None,
 ) -> dict[str, Format | None]:
     """Measure (or reuse measurements), allocate the layers not pinned, optionally refine the plan
     by measured KL; records the plan in `settings`. Every layer is measured, pinned or not, so
@@ -275,15 +310,22 @@ def _plan_from_budget(
     t0 = time.perf_counter()
     shapes = {n: linear_weight(m).shape for n, m in targets}
     fixed = {n: f for n, f in pinned.items() if f is not None}
-    plan = plan_for_budget(
-        meas,
-        budget_bpw,
-        allocator,
-        layers=[n for n in names if n not in pinned],
-        reserved_bits=sum(f.storage_bits(*shapes[n]) for n, f in fixed.items()),
-        reserved_numel=sum(shapes[n].numel() for n in fixed),
-        weighting=weighting,
-    )
+    free = [n for n in names if n not in pinned]
+    if size is None:
+        plan = plan_for_budget(
+            meas,
+            budget_bpw,
+            allocator,
+            layers=free,
+            reserved_bits=sum(f.storage_bits(*shapes[n]) for n, f in fixed.items()),
+            reserved_numel=sum(shapes[n].numel() for n in fixed),
+            weighting=weighting,
+        )
+    else:  # pinned layers are in size.fixed_bytes already; the free linears share what is left
+        budget_bpw = size.linear_bits / sum(shapes[n].numel() for n in free)
+        plan = plan_for_budget(
+            meas, budget_bpw, allocator, free, weighting=weighting, costs=size.costs, budget_bits=size.linear_bits
+        )
     planning_seconds = time.perf_counter() - t0
     refinement = None
     if refine is not None:
@@ -291,6 +333,7 @@ def _plan_from_budget(
         plan = plan.with_choice(meas, refinement.choice, weighting)
     settings["budget"] = {
         "bpw": budget_bpw,
+        **(size.record(plan) if size is not None else {}),
         "achieved_bpw": plan.achieved_bpw,
         "allocator": allocator,
         "predicted_error": plan.predicted_error,
@@ -306,15 +349,16 @@ def _plan_from_budget(
 
 
 def _refine(model, meas, plan, refine, weighting, progress) -> Refinement:
-    """Run the evolutionary refinement from the allocator's plan, within the same bit budget."""
+    """Run the evolutionary refinement within the same bit budget, from the best-scoring of
+    several starting plans (planner.starting_plans)."""
     seconds, held_out = refine
     free = list(plan.choice)
     evaluator = PlanEvaluator(model, {n: meas.bank[n] for n in free}, held_out)
     try:
         return evolve(
             evaluator,
-            plan.choice,
-            costs={n: meas.layers[n]["costs"] for n in free},
+            starting_plans(meas, plan, weighting),
+            costs=plan.costs,
             proxy={n: meas.weighted_errors(n, weighting) for n in free},
             budget=plan.budget_bits,
             time_limit=seconds,

@@ -102,3 +102,48 @@ def test_pins_that_eat_the_budget_and_rules_that_match_nothing_are_refused():
         lowbit.quantize(copy.deepcopy(model), budget_bpw=2.8, keep="*.mlp.*=8bit", **KW)
     with pytest.raises(LowbitError, match="--keep rule '\\*.mlp.fc9' matches no quantizable layer"):
         lowbit.quantize(copy.deepcopy(model), bits=4, keep="*.mlp.fc9", **KW)
+
+
+def test_sizes_parse_with_units_and_bad_ones_are_refused():
+    from lowbit.allocate.size import parse_size
+
+    assert parse_size("70MB") == 70_000_000 and parse_size("64MiB") == 64 * 2**20
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("1234") == 1234 and parse_size("2kib") == 2048
+    for bad in ("70 parsecs", "", "-3MB", "0MB"):
+        with pytest.raises(LowbitError, match="--size"):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("fmt", [IntFormat(3, 32), IntFormat(4, 64, symmetric=True), IntFormat(2, None)])
+def test_layer_bytes_are_the_packed_bytes_of_a_real_layer(fmt):
+    from lowbit.allocate.size import layer_bytes
+    from lowbit.runtime import QuantizedLinear
+
+    w = torch.randn(48, 100)
+    layer = QuantizedLinear.from_quantized(fmt.quantize_tensor(w), None)
+    assert layer_bytes(fmt, 48, 100) == sum(b.numel() * b.element_size() for b in layer.buffers())
+
+
+def test_size_budget_bounds_the_weights_file_and_names_the_smallest_size(tmp_path):
+    import re
+
+    model = make_tiny_model("llama")
+    with pytest.raises(BudgetError, match=r"smallest weights file .* use --size ([0-9.]+)MB") as err:
+        lowbit.quantize(copy.deepcopy(model), size_bytes=1000, **KW)
+    smallest = int(float(re.search(r"--size ([0-9.]+)MB", str(err.value)).group(1)) * 1e6)
+    cheap = lowbit.quantize(copy.deepcopy(model), size_bytes=smallest, **KW)
+    assert "int2-g32-asym" in cheap.lowbit_info.settings["budget"]["formats"]  # the named size works
+    lowbit.save(cheap, tmp_path / "cheap")
+    floor = (tmp_path / "cheap" / "model.safetensors").stat().st_size
+    assert floor <= smallest
+
+    size = floor + 40_000  # room for some layers at more bits
+    q = lowbit.quantize(copy.deepcopy(model), size_bytes=size, **KW)
+    budget = q.lowbit_info.settings["budget"]
+    lowbit.save(q, tmp_path / "art")
+    actual = (tmp_path / "art" / "model.safetensors").stat().st_size
+    assert actual <= budget["planned_bytes"] <= size
+    assert actual > size - 12_000  # the budget is spent, not wasted (a header allowance aside)
+    assert len(budget["formats"]) >= 2 and budget["size_bytes"] == size
+    with pytest.raises(LowbitError, match="not both"):
+        lowbit.quantize(copy.deepcopy(model), size_bytes=size, budget_bpw=3.0, **KW)

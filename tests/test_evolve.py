@@ -99,11 +99,15 @@ def test_refinement_improves_a_bad_plan_within_budget_and_restores_the_model():
 def test_quantize_with_refinement_records_it_and_keeps_the_budget(tmp_path):
     model = make_tiny_model("qwen2")
     kw = {"calib": WINDOWS, "gptq": SETTINGS, "candidates": CANDIDATES, "progress": False}
-    q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.2, refine_seconds=5, refine_windows=2, **kw)
+    q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.7, refine_seconds=5, refine_windows=2, **kw)
     budget = q.lowbit_info.settings["budget"]
     ref = budget["refinement"]
     assert ref["final_kl"] <= ref["start_kl"] and ref["generations"] >= 1
-    assert q.lowbit_info.bits_per_weight <= 3.2
+    # it started from the best of the allocator's plan, the other weightings and uniform formats
+    assert ref["start"] in ref["starts"] and ref["start_kl"] == min(ref["starts"].values())
+    assert "knapsack/relative" in ref["starts"] and "knapsack/raw" in ref["starts"]
+    assert any(label.startswith("uniform int3") for label in ref["starts"])
+    assert q.lowbit_info.bits_per_weight <= 3.7
     assert budget["achieved_bpw"] == pytest.approx(q.lowbit_info.bits_per_weight)
 
 
@@ -116,3 +120,21 @@ def test_weightings_differ_and_unknown_ones_are_refused():
     assert rel == pytest.approx([e / meas.layers[name]["base"] for e in raw])
     with pytest.raises(LowbitError, match="unknown error weighting"):
         meas.weighted_errors(name, "depth")
+
+
+def test_refinement_starts_from_the_best_of_several_plans():
+    model = make_tiny_model("llama")
+    meas = _bank_and_measurements(model)
+    names = list(meas.layers)
+    costs = {n: meas.layers[n]["costs"] for n in names}
+    cheap = {n: 0 for n in names}  # int2 everywhere
+    good = {n: 2 for n in names}  # int4 everywhere
+    budget = sum(costs[n][2] for n in names)
+    evaluator = PlanEvaluator(model, meas.bank, WINDOWS[-2:])
+    proxy = {n: meas.weighted_errors(n) for n in names}
+    res = evolve(evaluator, {"int2": cheap, "int4": good}, costs, proxy, budget, generations=1, progress=False)
+    assert res.start == "int4" and res.starts["int4"] < res.starts["int2"]
+    assert res.start_kl == res.starts["int4"] and res.final_kl <= res.start_kl
+    assert len(res.scored) >= 2  # the starts are among the scored plans
+    with pytest.raises(LowbitError, match="'over' is over the budget"):
+        evolve(evaluator, {"over": {n: 3 for n in names}}, costs, proxy, budget, generations=1, progress=False)

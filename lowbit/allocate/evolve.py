@@ -39,6 +39,7 @@ class PlanEvaluator:
         self.loaded: dict[str, int | None] = dict.fromkeys(bank)
         self.reference = build_reference(model, windows, batch_size=1, progress=False)
         self.evaluations = 0
+        self._scores: dict[tuple, float] = {}  # the same plan is never scored twice
 
     def load(self, choice: dict[str, int]) -> None:
         """Swap in the plan's weights (only the layers whose choice changed since the last call)."""
@@ -53,13 +54,18 @@ class PlanEvaluator:
     @torch.no_grad()
     def kl(self, choice: dict[str, int], windows: int | None = None) -> float:
         """Mean per-token KL(float || plan) on the first `windows` held-out windows (all by default)."""
-        self.load(choice)
         n = windows or len(self.windows)
+        key = (n, tuple(sorted(choice.items())))
+        if key in self._scores:
+            return self._scores[key]
+        self.load(choice)
         ref = self.reference
         if n < len(self.windows):
             ref = type(ref)(ref.hidden[:n], ref.head_weight, ref.head_bias, ref.softcap)
         self.evaluations += 1
-        return evaluate_windows(self.model, self.windows[:n], ref, batch_size=1, progress=False)["kld"]
+        kl = evaluate_windows(self.model, self.windows[:n], ref, batch_size=1, progress=False)["kld"]
+        self._scores[key] = kl
+        return kl
 
     def restore(self) -> None:
         """Put the float weights back (the pipeline quantizes the float model afterwards)."""
@@ -78,6 +84,8 @@ class Refinement:
     seconds: float
     scored: list[tuple[float, float]] = field(default_factory=list)  # (proxy, KL on all windows) per plan
     history: list[dict[str, int]] = field(default_factory=list)  # the plans in `scored`, in order
+    starts: dict[str, float] = field(default_factory=dict)  # candidate starting plans -> held-out KL
+    start: str = ""  # the one the search started from
 
     def rank_correlation(self) -> float | None:
         """Spearman correlation between the proxy (summed weighted errors) and measured KL."""
@@ -95,6 +103,8 @@ class Refinement:
             "seconds": self.seconds,
             "plans_scored": len(self.scored),
             "proxy_rank_correlation": self.rank_correlation(),
+            "starts": self.starts,
+            "start": self.start,
         }
 
 
@@ -137,9 +147,17 @@ def _mutate(
     return None if child == choice else child
 
 
+def _onto_fronts(
+    choice: dict[str, int], bank: dict[str, dict], fronts: dict[str, list[int]], costs: dict[str, Sequence[int]]
+) -> dict[str, int]:
+    """A dominated candidate (BAQ's rounding or a uniform plan can pick one) moves to the best
+    front candidate that costs no more."""
+    return {n: j if j in bank[n] else _best_within(fronts[n], costs[n], costs[n][j]) for n, j in choice.items()}
+
+
 def evolve(
     evaluator: PlanEvaluator,
-    start: dict[str, int],
+    start: dict[str, int] | dict[str, dict[str, int]],
     costs: dict[str, Sequence[int]],
     proxy: dict[str, Sequence[float]],
     budget: int,
@@ -150,27 +168,32 @@ def evolve(
     seed: int = 0,
     progress: bool = True,
 ) -> Refinement:
-    """Improve `start` (layer -> candidate index) within `budget` bits for the layers given.
+    """Improve a plan (layer -> candidate index) within `budget` bits for the layers given.
 
-    Each layer moves along its own bank (cheapest to dearest), which should be its Pareto
-    front; a starting candidate outside the bank is first replaced by the bank's best one
-    that costs no more."""
+    `start` is one plan or several by label (e.g. the knapsack plan and the uniform plans
+    that fit): each is scored on all held-out windows and the search starts from the best,
+    so the result is never worse on them than any start. Each layer moves along its own bank
+    (cheapest to dearest), which should be its Pareto front."""
     t0 = time.perf_counter()
-    fronts = {n: sorted(evaluator.bank[n], key=lambda j: costs[n][j]) for n in start}
-    # a dominated start (BAQ's rounding can pick one) moves to the best front candidate no dearer
-    start = {
-        n: j if j in evaluator.bank[n] else _best_within(fronts[n], costs[n], costs[n][j]) for n, j in start.items()
-    }
-    if sum(costs[n][j] for n, j in start.items()) > budget:
-        raise BudgetError("the starting plan is over the budget")
+    starts = start if isinstance(next(iter(start.values())), dict) else {"start": start}
+    first = next(iter(starts.values()))
+    fronts = {n: sorted(evaluator.bank[n], key=lambda j: costs[n][j]) for n in first}
+    starts = {label: _onto_fronts(c, evaluator.bank, fronts, costs) for label, c in starts.items()}
+    for label, c in starts.items():
+        if sum(costs[n][j] for n, j in c.items()) > budget:
+            raise BudgetError(f"the starting plan {label!r} is over the budget")
     rng = random.Random(seed)
 
     def proxy_of(choice: dict[str, int]) -> float:
         return sum(proxy[n][j] for n, j in choice.items())
 
-    best = dict(start)
-    best_kl = evaluator.kl(best)
-    result = Refinement(best, best_kl, best_kl, 0, 1, 0.0, [(proxy_of(best), best_kl)], [dict(best)])
+    start_kls = {label: evaluator.kl(c) for label, c in starts.items()}
+    label = min(start_kls, key=start_kls.get)
+    best, best_kl = dict(starts[label]), start_kls[label]
+    result = Refinement(best, best_kl, best_kl, 0, 1, 0.0)
+    result.scored = [(proxy_of(c), start_kls[k]) for k, c in starts.items()]
+    result.history = [dict(c) for c in starts.values()]
+    result.starts, result.start = start_kls, label
     bar = tqdm(desc="refining plan", unit="gen", disable=not progress, total=generations)
     gen = 0
     while (generations is None or gen < generations) and time.perf_counter() - t0 < time_limit:

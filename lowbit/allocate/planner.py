@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from lowbit.allocate.baq import baq_plan
 from lowbit.allocate.knapsack import min_cost, solve_mckp
-from lowbit.allocate.sensitivity import Measurements, plan_formats
+from lowbit.allocate.sensitivity import WEIGHTINGS, Measurements, plan_formats
 from lowbit.errors import BudgetError
-from lowbit.formats import Format
+from lowbit.formats import Format, format_from_dict
 
 ALLOCATORS = ("knapsack", "baq")
 
@@ -25,10 +25,11 @@ class Plan:
     budget_bits: int  # bits the planned layers may use (pinned layers' bits already taken off)
     reserved_bits: int = 0  # pinned layers' bits
     total_numel: int = 0  # weights the budget is spread over, pinned layers included
+    costs: dict[str, list[int]] = field(default_factory=dict)  # layer -> bits of each candidate, as budgeted
 
     def with_choice(self, measurements: Measurements, choice: dict[str, int], weighting: str) -> Plan:
         """The same budget with another choice (e.g. a refined one), its figures recomputed."""
-        spent = sum(measurements.layers[n]["costs"][j] for n, j in choice.items()) + self.reserved_bits
+        spent = sum(self.costs[n][j] for n, j in choice.items()) + self.reserved_bits
         return replace(
             self,
             formats=plan_formats(measurements, choice),
@@ -76,11 +77,14 @@ def plan_for_budget(
     reserved_bits: int = 0,
     reserved_numel: int = 0,
     weighting: str = "relative",
+    costs: dict[str, list[int]] | None = None,
+    budget_bits: int | None = None,
 ) -> Plan:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
     `budget_bpw`. Errors are compared across layers after `weighting`
-    (Measurements.weighted_errors)."""
+    (Measurements.weighted_errors). Byte budgets pass each candidate's exact packed size as
+    `costs` (bits) and the bits left for these layers as `budget_bits`."""
     if allocator not in ALLOCATORS:
         raise BudgetError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
     names = list(measurements.layers) if layers is None else layers
@@ -88,11 +92,11 @@ def plan_for_budget(
     if missing:
         raise BudgetError(f"the measurements do not cover {missing[0]}; measure again")
     recs = [measurements.layers[n] for n in names]
-    costs = [r["costs"] for r in recs]
+    costs = [r["costs"] if costs is None else costs[n] for n, r in zip(names, recs, strict=True)]
     errors = [measurements.weighted_errors(n, weighting) for n in names]
     numel = [r["numel"] for r in recs]
     total = sum(numel) + reserved_numel
-    budget = math.floor(budget_bpw * total) - reserved_bits
+    budget = math.floor(budget_bpw * total) - reserved_bits if budget_bits is None else budget_bits
     floor = min_cost(costs)
     if floor > budget:
         _refuse(budget_bpw, floor + reserved_bits, total, reserved_numel > 0)
@@ -117,4 +121,38 @@ def plan_for_budget(
         budget_bits=budget,
         reserved_bits=reserved_bits,
         total_numel=total,
+        costs=dict(zip(names, costs, strict=True)),
     )
+
+
+def starting_plans(
+    measurements: Measurements, plan: Plan, weighting: str, uniform: int = 2
+) -> dict[str, dict[str, int]]:
+    """Plans for the same layers and budget that a refinement may start from, by label: `plan`
+    itself, the knapsack plans under every error weighting, BAQ's, and the `uniform` dearest
+    uniform formats that fit. Near 4 bits a uniform grid can beat every proxy-optimal mix
+    (BENCHMARKS.md), so a search scored by measured KL must be able to start there."""
+    free = list(plan.choice)
+    reserved_numel = plan.total_numel - sum(measurements.layers[n]["numel"] for n in free)
+    starts = {f"{plan.allocator}/{weighting}": dict(plan.choice)}
+    for allocator, w in [("knapsack", w) for w in WEIGHTINGS] + [("baq", weighting)]:
+        label = f"{allocator}/{w}"
+        if label not in starts:
+            other = plan_for_budget(
+                measurements,
+                plan.budget_bpw,
+                allocator,
+                free,
+                plan.reserved_bits,
+                reserved_numel,
+                weighting=w,
+                costs=plan.costs,
+                budget_bits=plan.budget_bits,
+            )
+            starts[label] = other.choice
+    n_cands = len(measurements.candidates)
+    spent = {j: sum(plan.costs[n][j] for n in free) for j in range(n_cands)}
+    fits = sorted((j for j in range(n_cands) if spent[j] <= plan.budget_bits), key=spent.get)
+    for j in fits[-uniform:] if uniform else []:
+        starts[f"uniform {format_from_dict(measurements.candidates[j]).name}"] = dict.fromkeys(free, j)
+    return starts

@@ -1,0 +1,89 @@
+"""Byte budgets (`--size 70MB`): what the exported weights file will weigh, exactly.
+
+A size budget covers the whole weights file (model.safetensors): the quantized linears,
+every tensor left in float (embeddings, head, norms, biases) and the file's header. The
+float part is fixed, so the budget left for the linears is known before planning, and the
+planner compares candidates by their exact packed bytes (int32 words per row, fp16 scales,
+packed zeros) rather than by their nominal bits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from lowbit.errors import BudgetError, LowbitError
+from lowbit.formats import Format
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+# safetensors header: 8 bytes of length, then JSON of ~60-110 bytes per tensor; generous on purpose
+_HEADER_BYTES_PER_TENSOR = 160
+_HEADER_BYTES_BASE = 256
+
+
+def parse_size(text: str) -> int:
+    """'70MB' (10^6), '64MiB' (2^20), '1.5GB', '123456' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if m is None:
+        raise LowbitError(f"--size must be a byte count with an optional unit (KB, MB, GB, MiB, GiB), got {text!r}")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    if value <= 0:
+        raise LowbitError(f"--size must be positive, got {text!r}")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Bytes as MB with enough digits that rounding up never crosses a budget."""
+    return f"{math.ceil(n / 1e4) / 100:.2f}MB"
+
+
+def layer_bytes(fmt: Format, out_features: int, in_features: int) -> int:
+    """Bytes the packed tensors of one quantized linear take (bias not included: it is fixed)."""
+    from lowbit.runtime import QuantizedLinear  # the runtime layer is what gets written
+
+    layer = QuantizedLinear(in_features, out_features, fmt, bias=False, device="meta")
+    return sum(b.numel() * b.element_size() for b in layer.buffers())
+
+
+def fixed_bytes(model: nn.Module, quantized: set[str], storage_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes, tensor count) of everything the weights file holds besides the quantized linears'
+    codes: float parameters in the storage dtype, buffers as they are, tied tensors once."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    seen: set[int] = set()
+    total = tensors = 0
+    for name, t in model.state_dict().items():
+        if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+            continue
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        size = storage_dtype.itemsize if name in params and t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+        tensors += 1
+    return total, tensors
+
+
+def header_allowance(tensors: int) -> int:
+    return _HEADER_BYTES_BASE + _HEADER_BYTES_PER_TENSOR * tensors
+
+
+def linear_bit_budget(
+    size_bytes: int,
+    fixed: int,
+    floor_linear_bytes: int,
+) -> int:
+    """Bits left for the planned linears; refuses a size below the cheapest plan, naming the
+    smallest size that works."""
+    left = size_bytes - fixed
+    if left < floor_linear_bytes:
+        smallest = fixed + floor_linear_bytes
+        raise BudgetError(
+            f"a size of {size_bytes / 1e6:.2f} MB is below the smallest weights file the candidates allow "
+            f"({smallest / 1e6:.2f} MB, of which {fixed / 1e6:.2f} MB stays in float or is pinned); "
+            f"use --size {format_size(smallest)} or more, or add cheaper candidates"
+        )
+    return 8 * left
