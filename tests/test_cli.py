@@ -200,3 +200,14 @@ def test_budget_from_the_command_line(capsys, tmp_path, tiny_model_dir, text_fil
     assert achieved <= 3.5
     code, stdout, _ = run(capsys, "inspect", tmp_path / "q")
     assert code == 0 and "mixed" in stdout and "plan         budget 3.5 bpw" in stdout
+
+
+def test_size_budget_from_the_command_line(capsys, tmp_path, tiny_model_dir, text_file):
+    common = ["quantize", tiny_model_dir, "--calib", text_file, "--nsamples", "8", "--seqlen", "64"]
+    code, _, err = run(capsys, *common, "--size", "10KB", "--out", tmp_path / "o")
+    one_line_error(code, err, r"a size of 0\.01 MB is below the smallest weights file .*; use --size [0-9.]+MB")
+    assert not (tmp_path / "o").exists()
+    code, _, err = run(capsys, *common, "--size", "lots", "--out", tmp_path / "o")
+    one_line_error(code, err, r"--size must be a byte count")
+    code, _, err = run(capsys, *common, "--size", "1MB", "--bits", "3.5", "--out", tmp_path / "o")
+    one_line_error(code, err, r"not both")
