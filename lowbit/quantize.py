@@ -18,7 +18,7 @@ from lowbit.allocate.evolve import PlanEvaluator, Refinement, evolve
 from lowbit.allocate.planner import check_feasible, plan_for_budget, starting_plans
 from lowbit.allocate.rules import KeepRule, apply_rules, parse_rules
 from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
-from lowbit.allocate.size import fixed_bytes, header_allowance, layer_bytes, linear_bit_budget
+from lowbit.allocate.size import SizeBudget, size_budget
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
 from lowbit.formats import Format, IntFormat, QuantizedTensor
@@ -181,7 +181,9 @@ def quantize(
         free = [s for n, s in shapes.items() if n not in pinned]
         reserved = [(f.storage_bits(*shapes[n]), shapes[n][0] * shapes[n][1]) for n, f in pinned.items() if f]
         check_feasible(free, cands, budget_bpw, sum(r[0] for r in reserved), sum(r[1] for r in reserved))
-    size = _size_budget(model, shapes, pinned, cands, size_bytes, storage_dtype) if size_bytes is not None else None
+    size = None
+    if size_bytes is not None:
+        size = size_budget(model, shapes, pinned, cands, size_bytes, STORAGE_DTYPES[storage_dtype])
     if method == "gptq":
         windows = calibration_data(tokenizer, calib, nsamples, seqlen)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -236,32 +238,6 @@ def quantize(
     info.stats["quantize_seconds"] = time.perf_counter() - t0
     model.lowbit_info = info
     return model
-
-
-@dataclass
-class SizeBudget:
-    """A byte budget turned into bits for the planned linears, with their exact packed costs."""
-
-    size_bytes: int
-    fixed_bytes: int  # float tensors, pinned layers, header allowance
-    linear_bits: int
-    costs: dict[str, list[int]]  # layer -> 8 x packed bytes of each candidate
-
-    def record(self, plan) -> dict[str, Any]:
-        spent = sum(self.costs[n][j] for n, j in plan.choice.items()) // 8
-        planned = self.fixed_bytes + spent
-        return {"size_bytes": self.size_bytes, "fixed_bytes": self.fixed_bytes, "planned_bytes": planned}
-
-
-def _size_budget(model, shapes, pinned, cands, size_bytes: int, storage_dtype: str) -> SizeBudget:
-    """Refuses an infeasible size before any slow work, naming the smallest feasible one."""
-    quantized = {n for n in shapes if pinned.get(n, True) is not None}
-    fixed, tensors = fixed_bytes(model, quantized, STORAGE_DTYPES[storage_dtype])
-    fixed += sum(layer_bytes(f, *shapes[n]) for n, f in pinned.items() if f is not None)
-    fixed += header_allowance(tensors + 3 * len(quantized))
-    costs = {n: [8 * layer_bytes(c, *s) for c in cands] for n, s in shapes.items() if n not in pinned}
-    floor = sum(min(c) for c in costs.values()) // 8
-    return SizeBudget(size_bytes, fixed, linear_bit_budget(size_bytes, fixed, floor), costs)
 
 
 def _held_out_windows(tokenizer, calib: str | torch.Tensor, windows: torch.Tensor, n: int) -> torch.Tensor:
@@ -333,7 +309,7 @@ def _plan_from_budget(
         plan = plan.with_choice(meas, refinement.choice, weighting)
     settings["budget"] = {
         "bpw": budget_bpw,
-        **(size.record(plan) if size is not None else {}),
+        **(size.record(plan.choice) if size is not None else {}),
         "achieved_bpw": plan.achieved_bpw,
         "allocator": allocator,
         "predicted_error": plan.predicted_error,

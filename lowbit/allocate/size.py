@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.errors import BudgetError, LowbitError
 from lowbit.formats import Format
+from lowbit.runtime import QuantizedLinear  # the runtime layer is what gets written
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 # safetensors header: 8 bytes of length, then JSON of ~60-110 bytes per tensor; generous on purpose
@@ -42,8 +45,6 @@ def format_size(n: int) -> str:
 
 def layer_bytes(fmt: Format, out_features: int, in_features: int) -> int:
     """Bytes the packed tensors of one quantized linear take (bias not included: it is fixed)."""
-    from lowbit.runtime import QuantizedLinear  # the runtime layer is what gets written
-
     layer = QuantizedLinear(in_features, out_features, fmt, bias=False, device="meta")
     return sum(b.numel() * b.element_size() for b in layer.buffers())
 
@@ -71,19 +72,42 @@ def header_allowance(tensors: int) -> int:
     return _HEADER_BYTES_BASE + _HEADER_BYTES_PER_TENSOR * tensors
 
 
-def linear_bit_budget(
+@dataclass
+class SizeBudget:
+    """A byte budget turned into bits for the planned linears, with their exact packed costs."""
+
+    size_bytes: int
+    fixed_bytes: int  # float tensors, pinned layers, header allowance
+    linear_bits: int  # what the free linears may spend
+    costs: dict[str, list[int]]  # free layer -> 8 x packed bytes of each candidate
+
+    def record(self, choice: dict[str, int]) -> dict[str, Any]:
+        """The manifest's account of the budget for a chosen plan."""
+        planned = self.fixed_bytes + sum(self.costs[n][j] for n, j in choice.items()) // 8
+        return {"size_bytes": self.size_bytes, "fixed_bytes": self.fixed_bytes, "planned_bytes": planned}
+
+
+def size_budget(
+    model: nn.Module,
+    shapes: dict[str, tuple[int, int]],
+    pinned: dict[str, Format | None],
+    candidates: list[Format],
     size_bytes: int,
-    fixed: int,
-    floor_linear_bytes: int,
-) -> int:
-    """Bits left for the planned linears; refuses a size below the cheapest plan, naming the
-    smallest size that works."""
-    left = size_bytes - fixed
-    if left < floor_linear_bytes:
-        smallest = fixed + floor_linear_bytes
+    storage_dtype: torch.dtype,
+) -> SizeBudget:
+    """What is left of `size_bytes` for the linears not pinned; refuses a size below the cheapest
+    plan before any slow work, naming the smallest size that works."""
+    quantized = {n for n in shapes if pinned.get(n, True) is not None}
+    fixed, tensors = fixed_bytes(model, quantized, storage_dtype)
+    fixed += sum(layer_bytes(f, *shapes[n]) for n, f in pinned.items() if f is not None)
+    fixed += header_allowance(tensors + 3 * len(quantized))  # qweight, scales, qzeros per linear
+    costs = {n: [8 * layer_bytes(c, *s) for c in candidates] for n, s in shapes.items() if n not in pinned}
+    floor = sum(min(c) for c in costs.values()) // 8
+    if size_bytes - fixed < floor:
+        smallest = fixed + floor
         raise BudgetError(
             f"a size of {size_bytes / 1e6:.2f} MB is below the smallest weights file the candidates allow "
             f"({smallest / 1e6:.2f} MB, of which {fixed / 1e6:.2f} MB stays in float or is pinned); "
             f"use --size {format_size(smallest)} or more, or add cheaper candidates"
         )
-    return 8 * left
+    return SizeBudget(size_bytes, fixed, 8 * (size_bytes - fixed), costs)
