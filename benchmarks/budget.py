@@ -4,13 +4,14 @@ One measurement pass (128 x 512 C4 windows, every layer solved with every defaul
 on float inputs, all solutions kept in memory). Every plan is then scored the same way:
 its layers' solutions are swapped into the float model and KLD, perplexity and top-1
 agreement are measured on the quick protocol's WikiText-2 windows. This isolates the
-allocation (which format where) from the sequential pipeline; `--pipeline B` also runs
-the full `lowbit quantize` (uniform and knapsack) at budget B for the end-to-end figure.
+allocation (which format where) from the sequential pipeline; BENCHMARKS.md gives the
+`lowbit quantize --measurements` commands for the end-to-end figures.
 
 Plans per budget: the best uniform candidate that fits (largest bpw within the budget),
-the knapsack plan under each error weighting (stream, relative, raw), BAQ's closed form,
+the knapsack plan under each error weighting (stream, relative, raw), BAQ's closed form, the
+upgrade plan (the best uniform format, its spare bits spent without making any layer worse),
 and the refined plan: the evolutionary search on 4 held-out C4 windows, started from whichever of
-the knapsack plans, BAQ's and the two dearest uniform formats scores best there
+the knapsack plans, BAQ's, the upgrade plan and the two dearest uniform formats scores best there
 (planner.starting_plans, as `lowbit quantize --refine` does).
 The rank correlation of each weighting's proxy with measured KL is taken over the plans
 the refinement scored (all at the same budget).
@@ -107,7 +108,10 @@ def main() -> None:
             t = time.perf_counter()
             plans[f"knapsack/{w}"] = plan_for_budget(meas, budget, "knapsack", weighting=w)
             row.setdefault("planning_seconds", time.perf_counter() - t)
-        plans[f"baq/{args.start_weighting}"] = plan_for_budget(meas, budget, "baq", weighting=args.start_weighting)
+        for allocator in ("baq", "upgrade"):
+            plans[f"{allocator}/{args.start_weighting}"] = plan_for_budget(
+                meas, budget, allocator, weighting=args.start_weighting
+            )
         for label, plan in plans.items():
             row["plans"][label] = score(plan.choice)
             print(budget, label, row["plans"][label], flush=True)

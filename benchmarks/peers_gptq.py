@@ -1,4 +1,4 @@
-"""lowbit's GPTQ side by side with GPTQModel and auto-round on smollm2-135m, in one run.
+"""lowbit's GPTQ side by side with llm-compressor, GPTQModel and auto-round on smollm2-135m, in one run.
 
 Every tool gets the same float model (the GGUF dequantized and saved as a plain Hugging Face
 directory), the same calibration windows (protocol.md: 128 x 512 tokens of C4, seed 0), the
@@ -7,11 +7,12 @@ environment under /usr/bin/time -v and writes its dequantized weights; this scri
 evaluates all of them with the same code, windows and reference (quick protocol).
 
 Peer environments (never lowbit's own install; see BENCHMARKS.md for how they were made):
-    --gptqmodel-python  a venv with torch==2.14.1 and gptqmodel==7.7.0
-    --autoround-python  a venv with torch==2.13.0 and auto-round==0.16.1
+    --llmcompressor-python  a venv with torch==2.13.0 and llmcompressor==0.14.0.1
+    --gptqmodel-python      a venv with torch==2.14.1 and gptqmodel==7.7.0
+    --autoround-python      a venv with torch==2.13.0 and auto-round==0.16.1
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/peers_gptq.py \
-        --gptqmodel-python ../peers/gm/bin/python --autoround-python ../peers/ar/bin/python
+        --llmcompressor-python ../peers/lc/bin/python --autoround-python ../peers/ar/bin/python
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def export_float(work: Path, nsamples: int) -> tuple[Path, Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--llmcompressor-python")
     ap.add_argument("--gptqmodel-python")
     ap.add_argument("--autoround-python")
     ap.add_argument("--bits", type=int, default=4)
@@ -80,6 +82,8 @@ def main() -> None:
     common = ["--model", str(model_dir), "--windows", str(windows), "--bits", str(args.bits)]
     common += ["--group-size", str(args.group_size), "--damp", "0.01"] + ([] if args.asym else ["--sym"])
     tools = [("lowbit", sys.executable, "run_lowbit.py", ["--act-order"])]
+    if args.llmcompressor_python:
+        tools.append(("llm-compressor", args.llmcompressor_python, "run_llmcompressor.py", ["--act-order"]))
     if args.gptqmodel_python:
         tools.append(("GPTQModel", args.gptqmodel_python, "run_gptqmodel.py", ["--act-order"]))
     if args.autoround_python:

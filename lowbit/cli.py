@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--allocator",
         default="knapsack",
-        choices=["knapsack", "baq"],
-        help="budget runs: exact knapsack on measured errors (default) or BAQ's closed form",
+        choices=["knapsack", "baq", "upgrade"],
+        help="budget runs: exact knapsack on measured errors (default), BAQ's closed form, or upgrade: the "
+        "best uniform format that fits, its spare bits spent where they cut the error most, no layer worse",
     )
     q.add_argument(
         "--weighting",

@@ -11,7 +11,7 @@ from lowbit.allocate.sensitivity import WEIGHTINGS, Measurements, plan_formats
 from lowbit.errors import BudgetError
 from lowbit.formats import Format, format_from_dict
 
-ALLOCATORS = ("knapsack", "baq")
+ALLOCATORS = ("knapsack", "baq", "upgrade")
 
 
 @dataclass
@@ -102,6 +102,8 @@ def plan_for_budget(
         _refuse(budget_bpw, floor + reserved_bits, total, reserved_numel > 0)
     if allocator == "knapsack":
         choice = solve_mckp(costs, errors, budget)
+    elif allocator == "upgrade":
+        choice = _upgrade_choice(costs, errors, budget)
     else:
         levels = [[c / n for c in cs] for cs, n in zip(costs, numel, strict=True)]
         # BAQ's sensitivity c in L(b) = c 2^(-2b): geometric mean of the fits at every measured level
@@ -125,17 +127,40 @@ def plan_for_budget(
     )
 
 
+def _upgrade_choice(costs: list[list[int]], errors: list[list[float]], budget: int) -> list[int]:
+    """The uniform candidate that fits with the least summed error, then the bits it leaves
+    spent by the knapsack, each layer limited to candidates whose measured error is no larger
+    than the uniform one's there. No layer gets worse than under the uniform plan, so the
+    additive proxy's blind spot (a cheap layer's extra error hurting more downstream than
+    measured, which made mixed plans lose to uniform int4 near 4.25 bpw) cannot be exploited."""
+    n_cands = len(costs[0])
+    if any(len(c) != n_cands for c in costs):
+        raise BudgetError("the upgrade allocator needs the same candidates for every layer")
+    fitting = [j for j in range(n_cands) if sum(c[j] for c in costs) <= budget]
+    if not fitting:  # no single format fits everywhere: fall back to the free knapsack
+        return solve_mckp(costs, errors, budget)
+    base = min(fitting, key=lambda j: (sum(e[j] for e in errors), -sum(c[j] for c in costs)))
+    allowed = [[j for j in range(n_cands) if e[j] <= e[base]] for e in errors]
+    picks = solve_mckp(
+        [[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)],
+        [[e[j] for j in ok] for e, ok in zip(errors, allowed, strict=True)],
+        budget,
+    )
+    return [ok[k] for ok, k in zip(allowed, picks, strict=True)]
+
+
 def starting_plans(
     measurements: Measurements, plan: Plan, weighting: str, uniform: int = 2
 ) -> dict[str, dict[str, int]]:
     """Plans for the same layers and budget that a refinement may start from, by label: `plan`
-    itself, the knapsack plans under every error weighting, BAQ's, and the `uniform` dearest
+    itself, the knapsack plans under every error weighting, BAQ's, the upgrade plan, and the `uniform` dearest
     uniform formats that fit. Near 4 bits a uniform grid can beat every proxy-optimal mix
     (BENCHMARKS.md), so a search scored by measured KL must be able to start there."""
     free = list(plan.choice)
     reserved_numel = plan.total_numel - sum(measurements.layers[n]["numel"] for n in free)
     starts = {f"{plan.allocator}/{weighting}": dict(plan.choice)}
-    for allocator, w in [("knapsack", w) for w in WEIGHTINGS] + [("baq", weighting)]:
+    others = [("knapsack", w) for w in WEIGHTINGS] + [("baq", weighting), ("upgrade", weighting)]
+    for allocator, w in others:
         label = f"{allocator}/{w}"
         if label not in starts:
             other = plan_for_budget(
