@@ -23,7 +23,7 @@ from torch import nn
 from lowbit.errors import ArtifactError, BudgetError, LowbitError
 from lowbit.formats import format_from_dict
 from lowbit.quantize import STORAGE_DTYPES, QuantizationInfo
-from lowbit.runtime import QuantizedLinear
+from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
 
 MANIFEST = "lowbit_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -156,6 +156,12 @@ def save(
     return out
 
 
+def _set_module(model: nn.Module, name: str, value: nn.Module | torch.Tensor) -> None:
+    """Set a submodule, parameter or buffer by its dotted name."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, value)
+
+
 def _version() -> str:
     from lowbit import __version__
 
@@ -208,13 +214,18 @@ def load(path: str | os.PathLike, return_tokenizer: bool = False, verify_checksu
         tensors = load_file(str(path / WEIGHTS))
     except SafetensorError as exc:
         raise ArtifactError(f"{path / WEIGHTS} is corrupt ({exc}); re-create the artifact") from exc
+    quantized_embedding = False
     for name, layer in manifest["layers"].items():
         out, n = layer["shape"]
-        qlayer = QuantizedLinear(
-            n, out, format_from_dict(layer["format"]), bias=f"{name}.bias" in tensors, device="meta"
-        )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, qlayer)
+        fmt = format_from_dict(layer["format"])
+        if layer.get("kind") == "embedding":
+            qlayer = QuantizedEmbedding(out, n, fmt, layer.get("padding_idx"), device="meta")
+            quantized_embedding = True
+            if layer.get("tied_head"):  # its buffers come from the embedding's, via `tied` below
+                _set_module(model, layer["tied_head"], QuantizedLinear(n, out, fmt, device="meta"))
+        else:
+            qlayer = QuantizedLinear(n, out, fmt, bias=f"{name}.bias" in tensors, device="meta")
+        _set_module(model, name, qlayer)
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     state = {k: (v.float() if k in params and v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -223,7 +234,10 @@ def load(path: str | os.PathLike, return_tokenizer: bool = False, verify_checksu
             f"artifact has tensors the model does not ({result.unexpected_keys[0]}, ...); "
             "it was written by another lowbit version or edited"
         )
-    model.tie_weights()
+    for name, source in manifest.get("tied", []):  # stored once: point every other name at it
+        _set_module(model, name, model.get_parameter_or_buffer(source))
+    if not quantized_embedding:  # transformers' own tying reads the embedding's float weight
+        model.tie_weights()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta":
             raise ArtifactError(f"artifact is missing tensor {name}; re-create the artifact with lowbit quantize")

@@ -337,7 +337,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             weights = manifest["sizes"]["weights_bytes"]
             print(
                 f"size budget {b['size_bytes'] / 1e6:.2f} MB ({b['allocator']}): weights file {weights / 1e6:.2f} MB, "
-                f"{b['fixed_bytes'] / 1e6:.2f} MB of it float or pinned; formats: {counts}"
+                f"{b['fixed_bytes'] / 1e6:.2f} MB of it float or pinned; formats: {counts}{_tables_text(b)}"
             )
         else:
             print(f"budget {b['bpw']} bpw ({b['allocator']}): achieved {b['achieved_bpw']:.4f}; formats: {counts}")
@@ -430,6 +430,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(
                 f"size         budget {budget['size_bytes'] / 1e6:.2f} MB, weights file "
                 f"{m['sizes']['weights_bytes'] / 1e6:.2f} MB ({budget['fixed_bytes'] / 1e6:.2f} MB float or pinned)"
+                f"{_tables_text(budget)}"
             )
         print(
             f"plan         budget {budget['bpw']:.4g} bpw, achieved {budget['achieved_bpw']:.4f} "
@@ -475,6 +476,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             w_err = f"{layer['weight_rel_mse']:16.3e}" if "weight_rel_mse" in layer else f"{'-':>16s}"
             print(f"{name:48s} {f.name:18s} {layer['bpw']:7.4f} {out_err} {w_err}")
     return 0
+
+
+def _tables_text(budget: dict) -> str:
+    """'; embedding/head: NAME FORMAT, ...' for a size budget's tables (float or packed)."""
+    from lowbit.formats import format_from_dict
+
+    tables = budget.get("tables") or {}
+    if not tables:
+        return ""
+    parts = [f"{n} {'float' if f is None else format_from_dict(f).name}" for n, f in tables.items()]
+    return "; embedding/head: " + ", ".join(parts)
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
@@ -15,18 +16,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.allocate.evolve import PlanEvaluator, Refinement, evolve
+from lowbit.allocate.knapsack import solve_mckp
 from lowbit.allocate.planner import check_feasible, plan_for_budget, starting_plans
 from lowbit.allocate.rules import KeepRule, apply_rules, parse_rules
 from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
 from lowbit.allocate.size import SizeBudget, size_budget
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
-from lowbit.formats import Format, IntFormat, QuantizedTensor
+from lowbit.formats import Format, IntFormat, QuantizedTensor, format_from_dict
 from lowbit.formats.integer import SCALE_DTYPES
 from lowbit.models.adapters import get_adapter, linear_weight, quantizable_linears
 from lowbit.pipeline import Checkpoint, GPTQSettings, checkpoint_key, gptq_pipeline, model_digest
 from lowbit.runtime import QuantizedLinear
 from lowbit.solvers import rtn_quantize
+from lowbit.tables import Table, find_tables, quantize_table, table_errors
 
 METHODS = ("gptq", "rtn")
 
@@ -148,13 +151,14 @@ def quantize(
     Measurements.weighted_errors). `refine_seconds` > 0 then improves the plan for
     that long by an evolutionary search scored by whole-model KL divergence on
     `refine_windows` held-out windows (allocate.evolve). `size_bytes` instead budgets
-    the whole weights file (float embeddings, norms and header included) by the
-    candidates' exact packed bytes (allocate.size).
+    the whole weights file (norms and header included) by the candidates' exact packed
+    bytes (allocate.size); the token embedding and output head then become candidates
+    too (lowbit.tables), unless a `keep` rule without a format names them.
 
     `keep` pins layers: "PATTERN" keeps matches in floating point, "PATTERN=FORMAT"
     (e.g. "*.0.self_attn.*=8bit") fixes their format; budgets count pinned formats.
 
-    Embeddings, the output head and norms stay unquantized but are stored (and,
+    Otherwise embeddings, the output head and norms stay unquantized but are stored (and,
     so that a reloaded artifact computes exactly the same logits, rounded first)
     in `storage_dtype`. The record of what was done is `model.lowbit_info`.
     """
@@ -183,7 +187,8 @@ def quantize(
         check_feasible(free, cands, budget_bpw, sum(r[0] for r in reserved), sum(r[1] for r in reserved))
     size = None
     if size_bytes is not None:
-        size = size_budget(model, shapes, pinned, cands, size_bytes, STORAGE_DTYPES[storage_dtype])
+        tables = [t for t in find_tables(model) if not _kept_in_float(t, rules)]
+        size = size_budget(model, shapes, pinned, cands, size_bytes, STORAGE_DTYPES[storage_dtype], tables)
     if method == "gptq":
         windows = calibration_data(tokenizer, calib, nsamples, seqlen)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -214,6 +219,10 @@ def quantize(
                     held_out = _held_out_windows(tokenizer, calib, windows, refine_windows)
                     refine = (refine_seconds, held_out)
                 plan = _plan_from_budget(*args, pinned, settings, progress, weighting, refine, size)
+                for table in size.tables if size is not None else []:
+                    table_fmt = settings["budget"]["tables"][table.name]
+                    if table_fmt is not None:
+                        info.layers[table.name] = quantize_table(model, table, format_from_dict(table_fmt))
             plan = {name: f for name, f in plan.items() if f is not None}
             ckpt = None
             if checkpoint_dir is not None:
@@ -284,6 +293,7 @@ def _plan_from_budget(
             meas.save(path)
         reused = False
     t0 = time.perf_counter()
+    table_choice: dict[str, int] = {}
     shapes = {n: linear_weight(m).shape for n, m in targets}
     fixed = {n: f for n, f in pinned.items() if f is not None}
     free = [n for n in names if n not in pinned]
@@ -298,9 +308,13 @@ def _plan_from_budget(
             weighting=weighting,
         )
     else:  # pinned layers are in size.fixed_bytes already; the free linears share what is left
-        budget_bpw = size.linear_bits / sum(shapes[n].numel() for n in free)
+        linear_bits = size.linear_bits
+        if size.tables:
+            table_choice = _choose_tables(model, meas, free, size, cands, windows)
+            linear_bits -= sum(size.table_costs[n][j] for n, j in table_choice.items())
+        budget_bpw = linear_bits / sum(shapes[n].numel() for n in free)
         plan = plan_for_budget(
-            meas, budget_bpw, allocator, free, weighting=weighting, costs=size.costs, budget_bits=size.linear_bits
+            meas, budget_bpw, allocator, free, weighting=weighting, costs=size.costs, budget_bits=linear_bits
         )
     planning_seconds = time.perf_counter() - t0
     refinement = None
@@ -309,7 +323,8 @@ def _plan_from_budget(
         plan = plan.with_choice(meas, refinement.choice, weighting)
     settings["budget"] = {
         "bpw": budget_bpw,
-        **(size.record(plan.choice) if size is not None else {}),
+        **(size.record(plan.choice, table_choice) if size is not None else {}),
+        "tables": {n: None if j == 0 else cands[j - 1].to_dict() for n, j in table_choice.items()},
         "achieved_bpw": plan.achieved_bpw,
         "allocator": allocator,
         "predicted_error": plan.predicted_error,
@@ -343,6 +358,26 @@ def _refine(model, meas, plan, refine, weighting, progress) -> Refinement:
     finally:
         evaluator.restore()
         meas.bank = None
+
+
+def _choose_tables(model, meas: Measurements, free: list[str], size: SizeBudget, cands, windows) -> dict[str, int]:
+    """Float (0) or a candidate (1 + its index) for the embedding and head: one knapsack over
+    them and the linears together, all errors in `relative` units (lowbit.tables), so a table
+    is packed exactly when that buys more than the same bytes spent on the linears."""
+    names = list(size.table_costs)
+    table_err = [[0.0, *table_errors(model, t, cands, windows)] for t in size.tables]
+    picks = solve_mckp(
+        [size.costs[n] for n in free] + [size.table_costs[n] for n in names],
+        [meas.weighted_errors(n, "relative") for n in free] + table_err,
+        size.linear_bits,
+    )
+    return dict(zip(names, picks[len(free) :], strict=True))
+
+
+def _kept_in_float(table: Table, rules: list[KeepRule]) -> bool:
+    """`--keep lm_head` (no format) keeps a table, or the embedding tied to that head, in float."""
+    names = [table.name] + ([table.tied_head] if table.tied_head else [])
+    return any(r.fmt is None and fnmatch.filter(names, r.pattern) for r in rules)
 
 
 def _format_counts(plan: dict[str, Format]) -> dict[str, int]:

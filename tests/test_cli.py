@@ -1,6 +1,7 @@
 """The command line, including one test per bad input the foundation issue lists."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,9 @@ def test_size_budget_from_the_command_line(capsys, tmp_path, tiny_model_dir, tex
     one_line_error(code, err, r"--size must be a byte count")
     code, _, err = run(capsys, *common, "--size", "1MB", "--bits", "3.5", "--out", tmp_path / "o")
     one_line_error(code, err, r"not both")
+    code, _, err = run(capsys, *common, "--size", "10KB", "--out", tmp_path / "o")
+    smallest = re.search(r"use --size ([0-9.]+MB)", err).group(1)
+    code, stdout, _ = run(capsys, *common, "--size", smallest, "--out", tmp_path / "o")
+    assert code == 0 and re.search(r"embedding/head: \S+ int\d-g\d+-asym", stdout)
+    code, stdout, _ = run(capsys, "inspect", tmp_path / "o")
+    assert code == 0 and "embedding/head:" in stdout

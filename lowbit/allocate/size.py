@@ -1,17 +1,18 @@
 """Byte budgets (`--size 70MB`): what the exported weights file will weigh, exactly.
 
 A size budget covers the whole weights file (model.safetensors): the quantized linears,
-every tensor left in float (embeddings, head, norms, biases) and the file's header. The
-float part is fixed, so the budget left for the linears is known before planning, and the
-planner compares candidates by their exact packed bytes (int32 words per row, fp16 scales,
-packed zeros) rather than by their nominal bits.
+every tensor left in float (norms, biases) and the file's header. The token embedding and
+the output head (lowbit.tables) are candidates too: kept in float or packed like a linear.
+What stays in float is fixed, so the budget left for the rest is known before planning, and
+the planner compares candidates by their exact packed bytes (int32 words per row, fp16
+scales, packed zeros) rather than by their nominal bits.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from lowbit.errors import BudgetError, LowbitError
 from lowbit.formats import Format
 from lowbit.runtime import QuantizedLinear  # the runtime layer is what gets written
+from lowbit.tables import Table
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 # safetensors header: 8 bytes of length, then JSON of ~60-110 bytes per tensor; generous on purpose
@@ -78,13 +80,22 @@ class SizeBudget:
 
     size_bytes: int
     fixed_bytes: int  # float tensors, pinned layers, header allowance
-    linear_bits: int  # what the free linears may spend
+    linear_bits: int  # what the free linears (and the tables) may spend
     costs: dict[str, list[int]]  # free layer -> 8 x packed bytes of each candidate
+    # table -> 8 x bytes of [float, each candidate]; empty when the tables stay in float
+    table_costs: dict[str, list[int]] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
 
-    def record(self, choice: dict[str, int]) -> dict[str, Any]:
-        """The manifest's account of the budget for a chosen plan."""
-        planned = self.fixed_bytes + sum(self.costs[n][j] for n, j in choice.items()) // 8
-        return {"size_bytes": self.size_bytes, "fixed_bytes": self.fixed_bytes, "planned_bytes": planned}
+    def record(self, choice: dict[str, int], tables: dict[str, int] | None = None) -> dict[str, Any]:
+        """The manifest's account of the budget for a chosen plan (`tables`: index into
+        table_costs, 0 = float)."""
+        bits = sum(self.costs[n][j] for n, j in choice.items())
+        bits += sum(self.table_costs[n][j] for n, j in (tables or {}).items())
+        return {
+            "size_bytes": self.size_bytes,
+            "fixed_bytes": self.fixed_bytes,
+            "planned_bytes": self.fixed_bytes + bits // 8,
+        }
 
 
 def size_budget(
@@ -94,15 +105,22 @@ def size_budget(
     candidates: list[Format],
     size_bytes: int,
     storage_dtype: torch.dtype,
+    tables: list[Table] = (),
 ) -> SizeBudget:
-    """What is left of `size_bytes` for the linears not pinned; refuses a size below the cheapest
-    plan before any slow work, naming the smallest size that works."""
+    """What is left of `size_bytes` for the linears not pinned and the `tables`; refuses a size
+    below the cheapest plan before any slow work, naming the smallest size that works."""
     quantized = {n for n in shapes if pinned.get(n, True) is not None}
-    fixed, tensors = fixed_bytes(model, quantized, storage_dtype)
+    table_names = {t.name for t in tables} | {t.tied_head for t in tables if t.tied_head}
+    fixed, tensors = fixed_bytes(model, quantized | table_names, storage_dtype)
     fixed += sum(layer_bytes(f, *shapes[n]) for n, f in pinned.items() if f is not None)
-    fixed += header_allowance(tensors + 3 * len(quantized))  # qweight, scales, qzeros per linear
+    fixed += header_allowance(tensors + 3 * (len(quantized) + len(table_names)))  # qweight, scales, qzeros
     costs = {n: [8 * layer_bytes(c, *s) for c in candidates] for n, s in shapes.items() if n not in pinned}
-    floor = sum(min(c) for c in costs.values()) // 8
+    table_costs = {
+        t.name: [8 * t.shape[0] * t.shape[1] * storage_dtype.itemsize]
+        + [8 * layer_bytes(c, *t.shape) for c in candidates]
+        for t in tables
+    }
+    floor = sum(min(c) for c in [*costs.values(), *table_costs.values()]) // 8
     if size_bytes - fixed < floor:
         smallest = fixed + floor
         raise BudgetError(
@@ -110,4 +128,4 @@ def size_budget(
             f"({smallest / 1e6:.2f} MB, of which {fixed / 1e6:.2f} MB stays in float or is pinned); "
             f"use --size {format_size(smallest)} or more, or add cheaper candidates"
         )
-    return SizeBudget(size_bytes, fixed, 8 * (size_bytes - fixed), costs)
+    return SizeBudget(size_bytes, fixed, 8 * (size_bytes - fixed), costs, table_costs, list(tables))

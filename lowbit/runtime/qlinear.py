@@ -15,6 +15,15 @@ from lowbit.formats.integer import SCALE_DTYPES, dequantize_codes
 from lowbit.formats.packing import packed_words, unpack_codes
 
 
+def dequantize_rows(
+    fmt: Format, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, columns: int
+) -> torch.Tensor:
+    """Float rows from packed rows (any subset of a layer's rows, with their scales and zeros)."""
+    codes = unpack_codes(qweight, fmt.bits, columns, dtype=torch.float32)
+    zeros = None if qzeros is None else unpack_codes(qzeros, fmt.bits, fmt.num_groups(columns))
+    return dequantize_codes(fmt, codes, scales, zeros, columns)
+
+
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W rebuilt from packed integer codes on every call."""
 
@@ -57,11 +66,7 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
-        codes = unpack_codes(self.qweight, self.fmt.bits, self.in_features, dtype=torch.float32)
-        zeros = None
-        if self.qzeros is not None:
-            zeros = unpack_codes(self.qzeros, self.fmt.bits, self.fmt.num_groups(self.in_features))
-        return dequantize_codes(self.fmt, codes, self.scales, zeros, self.in_features)
+        return dequantize_rows(self.fmt, self.qweight, self.scales, self.qzeros, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)

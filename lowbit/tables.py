@@ -1,0 +1,117 @@
+"""The token embedding and the output head as quantizable tables, for size budgets.
+
+Under `--size` the whole weights file counts, and in small models the embedding is a large
+share of it (smollm2-135m: 28M of 135M weights, tied to the head). These tables are not in
+any decoder block, so GPTQ's block pipeline does not reach them: each is rounded (RTN with a
+per-group range search), and its candidates are scored by the error that rounding leaves,
+weighted per row by how often the calibration windows use that token. That is the
+Hessian-weighted error of an embedding lookup (its inputs are one-hot, so XᵀX is the
+diagonal of token counts), relative to the table's own weighted energy: the same `relative`
+units the linears' errors are compared in, so one knapsack can weigh both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.formats import Format
+from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
+
+# rows the calibration never shows still count a little: tokens unseen there occur elsewhere
+UNSEEN_TOKEN_WEIGHT = 0.1
+UNSEEN_SAMPLE = 2048
+CLIP_GRID = 20  # range-search steps per group; the tables are big, and 20 is within noise of 40
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # the module holding the weight
+    kind: str  # "embedding" or "head"
+    shape: tuple[int, int]  # [rows (tokens), columns (hidden)]
+    tied_head: str | None = None  # a head module that shares this embedding's weight
+
+
+def find_tables(model: nn.Module) -> list[Table]:
+    """The input embedding (plain nn.Embedding only: subclasses may scale or reshape their
+    output) and an output head that is a plain nn.Linear, noting whether they share a weight."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    plain_emb = type(emb) is nn.Embedding and emb.max_norm is None and id(emb) in names
+    plain_head = type(head) is nn.Linear and id(head) in names
+    tied = plain_head and emb is not None and head.weight is getattr(emb, "weight", None)
+    if tied and not plain_emb:  # a head tied to, say, Gemma's scaled embedding stays with it in float
+        return []
+    tables = []
+    if plain_emb:
+        tables.append(Table(names[id(emb)], "embedding", tuple(emb.weight.shape), names[id(head)] if tied else None))
+    if plain_head and not tied:
+        tables.append(Table(names[id(head)], "head", tuple(head.weight.shape)))
+    return tables
+
+
+def token_weights(windows: torch.Tensor, rows: int) -> torch.Tensor:
+    counts = torch.bincount(windows.reshape(-1).clamp(0, rows - 1), minlength=rows).float()
+    return counts + UNSEEN_TOKEN_WEIGHT
+
+
+def quantize_weight(weight: torch.Tensor, fmt: Format):
+    return fmt.quantize_tensor(weight.detach().float(), clip_search=True, grid=CLIP_GRID)
+
+
+def table_errors(model: nn.Module, table: Table, candidates: list[Format], windows: torch.Tensor) -> list[float]:
+    """Row-weighted relative error of each candidate on `table`. Rounding is row-local, so the
+    rows the windows use are scored exactly and the unseen ones by a fixed sample of
+    UNSEEN_SAMPLE rows standing for all of them (a 50k-row table in seconds per candidate)."""
+    full = model.get_submodule(table.name).weight.detach().float()
+    weights = token_weights(windows, full.shape[0])
+    seen = torch.nonzero(weights > UNSEEN_TOKEN_WEIGHT).squeeze(1)
+    unseen = torch.nonzero(weights <= UNSEEN_TOKEN_WEIGHT).squeeze(1)
+    if unseen.numel() > UNSEEN_SAMPLE:
+        pick = torch.randperm(unseen.numel(), generator=torch.Generator().manual_seed(0))[:UNSEEN_SAMPLE]
+        stand_in = UNSEEN_TOKEN_WEIGHT * unseen.numel() / UNSEEN_SAMPLE
+        unseen = unseen[pick]
+        weights = weights.clone()
+        weights[unseen] = stand_in
+    idx = torch.cat([seen, unseen])
+    w, rows = full[idx], weights[idx]
+    energy = (rows * w.pow(2).sum(1)).sum().clamp_min(1e-30)
+    errors = []
+    for fmt in candidates:
+        diff = quantize_weight(w, fmt).dequantize() - w
+        errors.append(float((rows * diff.pow(2).sum(1)).sum() / energy))
+    return errors
+
+
+def quantize_table(model: nn.Module, table: Table, fmt: Format) -> dict:
+    """Swap the table (and a head tied to it) for packed modules; returns its layer record."""
+    module = model.get_submodule(table.name)
+    qt = quantize_weight(module.weight, fmt)
+    diff = qt.dequantize() - module.weight.detach().float()
+    rel = float(diff.pow(2).sum() / module.weight.detach().float().pow(2).sum().clamp_min(1e-30))
+    if table.kind == "embedding":
+        new: nn.Module = QuantizedEmbedding.from_quantized(qt, module.padding_idx)
+    else:
+        new = QuantizedLinear.from_quantized(qt, module.bias)
+    _replace(model, table.name, new)
+    if table.tied_head is not None:
+        _replace(model, table.tied_head, new.tied_head())
+    rows, cols = table.shape
+    return {
+        "kind": table.kind,
+        "tied_head": table.tied_head,
+        "padding_idx": getattr(module, "padding_idx", None),
+        "format": fmt.to_dict(),
+        "shape": [rows, cols],
+        "numel": rows * cols,
+        "storage_bits": fmt.storage_bits(rows, cols),
+        "bpw": fmt.bits_per_weight(rows, cols),
+        "weight_rel_mse": rel,
+    }
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
