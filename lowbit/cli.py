@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--allocator",
-        default="knapsack",
+        default="upgrade",
         choices=["knapsack", "baq", "upgrade"],
-        help="budget runs: exact knapsack on measured errors (default), BAQ's closed form, or upgrade: the "
-        "best uniform format that fits, its spare bits spent where they cut the error most, no layer worse",
+        help="budget runs: upgrade (default): the best uniform format that fits, its spare bits spent by the "
+        "knapsack where they cut the error most, no layer worse; knapsack: the free knapsack on measured "
+        "errors; baq: BAQ's closed form (BENCHMARKS.md compares them)",
     )
     q.add_argument(
         "--weighting",

@@ -128,7 +128,7 @@ def quantize(
     budget_bpw: float | None = None,
     candidates: list[Format] | None = None,
     measurements: str | os.PathLike | None = None,
-    allocator: str = "knapsack",
+    allocator: str = "upgrade",
     keep: str | list[KeepRule] | None = None,
     weighting: str = "relative",
     refine_seconds: float = 0.0,
@@ -146,7 +146,8 @@ def quantize(
     integer grids at 2-8 bits with groups of 32/64/128): every layer is solved with
     every candidate once (the measurement pass, saved to and reused from
     `measurements` when given), the `allocator` picks the plan with the least summed
-    error within the budget, and GPTQ quantizes with that plan; `bits`/`group_size`
+    error within the budget (default "upgrade": the best uniform format that fits plus
+    its spare bits, no layer worse; planner.plan_for_budget), and GPTQ quantizes with that plan; `bits`/`group_size`
     are then ignored. Layer errors are compared after `weighting` (see
     Measurements.weighted_errors). `refine_seconds` > 0 then improves the plan for
     that long by an evolutionary search scored by whole-model KL divergence on

@@ -196,7 +196,7 @@ def test_budget_from_the_command_line(capsys, tmp_path, tiny_model_dir, text_fil
 
     meas = tmp_path / "m.json"
     code, stdout, _ = run(capsys, *common, "--bits", "3.5", "--measurements", meas, "--out", tmp_path / "q")
-    assert code == 0 and "budget 3.5 bpw (knapsack): achieved 3." in stdout and meas.is_file()
+    assert code == 0 and "budget 3.5 bpw (upgrade): achieved 3." in stdout and meas.is_file()
     achieved = json.loads((tmp_path / "q" / "lowbit_manifest.json").read_text())["bits_per_weight"]
     assert achieved <= 3.5
     code, stdout, _ = run(capsys, "inspect", tmp_path / "q")
