@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,7 +42,7 @@ from lowbit.eval import evaluate_windows, protocol_windows  # noqa: E402
 from lowbit.eval.reference import cached_reference  # noqa: E402
 from lowbit.models.adapters import get_adapter, quantizable_linears  # noqa: E402
 from lowbit.pipeline import GPTQSettings  # noqa: E402
-from lowbit.quantize import calibration_data  # noqa: E402
+from lowbit.quantize import calibration_data, round_parameters  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "budget.json"
 BUDGETS = [2.5, 3.0, 3.5, 4.25]
@@ -60,6 +61,8 @@ def main() -> None:
 
     loaded = lowbit.load_model(MODEL)
     model, tok = loaded.model, loaded.tokenizer
+    with torch.no_grad():  # as `lowbit quantize` does, so the CLI accepts this run's measurement file
+        round_parameters(model, torch.float16)
     adapter = get_adapter(model.config.model_type)
     names = [n for n, _ in quantizable_linears(model, adapter)]
     cands = default_candidates()

@@ -206,7 +206,7 @@ def quantize(
     info = QuantizationInfo(method=method, settings=settings, storage_dtype=storage_dtype)
     t0 = time.perf_counter()
     with torch.no_grad():
-        _round_parameters(model, STORAGE_DTYPES[storage_dtype])
+        round_parameters(model, STORAGE_DTYPES[storage_dtype])
         targets = quantizable_linears(model, adapter)
         plan = {name: pinned.get(name, fmt) for name, _ in targets}
         if method == "rtn":
@@ -408,7 +408,7 @@ def _quantize_rtn(
         info.layers[name] = {**_layer_record(fmt, qt), "weight_rel_mse": err}
 
 
-def _round_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+def round_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Round every float parameter through the storage dtype first, so that calibration
     sees the unquantized tensors exactly as the artifact will hold them."""
     for name, p in model.named_parameters():
