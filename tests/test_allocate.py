@@ -85,3 +85,16 @@ def test_baq_plan_rounds_within_budget():
     exact = solve_mckp(costs, errors, budget)
     total = lambda ch: sum(errors[i][j] for i, j in enumerate(ch))  # noqa: E731
     assert total(exact) <= total(choice) <= 1.5 * total(exact)  # close to the exact optimum
+
+
+def test_knapsack_prints_nothing_on_the_terminal(capfd):
+    # HiGHS's MIP solver printf()s a debug line on some instances like these, even with
+    # output off; the solve must keep it off the user's terminal and leave stdout working.
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        costs = [sorted(int(x) for x in rng.integers(1000, 9000, 12)) for _ in range(200)]
+        errors = [sorted(rng.random(12) * rng.random() * 10, reverse=True) for _ in range(200)]
+        solve_mckp(costs, errors, sum(c[6] for c in costs))
+    print("still here")
+    out, _ = capfd.readouterr()
+    assert out == "still here\n"

@@ -8,12 +8,41 @@ push the plan over it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from lowbit.errors import BudgetError
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """HiGHS's MIP solver printf()s a debug line even with output off (a known HiGHS bug);
+    point file descriptor 1 at /dev/null around the solve so it never reaches the user."""
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable stdout descriptor: nothing to protect
+        yield
+        return
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:  # no C runtime handle (Windows): the fd swap alone still hides it
+        libc = None
+    sys.stdout.flush()
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.fflush(None)  # C buffers still holding the line go to /dev/null, not the terminal
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def min_cost(costs: Sequence[Sequence[int]]) -> int:
@@ -46,13 +75,14 @@ def solve_mckp(costs: Sequence[Sequence[int]], errors: Sequence[Sequence[float]]
             LinearConstraint(one_each, 1.0, 1.0),
             LinearConstraint((cost / scale)[None, :], -np.inf, limit / scale),
         ]
-        res = milp(
-            c=err,
-            constraints=constraints,
-            integrality=np.ones(n),
-            bounds=Bounds(0, 1),
-            options={"mip_rel_gap": 0.0},
-        )
+        with _native_stdout_silenced():
+            res = milp(
+                c=err,
+                constraints=constraints,
+                integrality=np.ones(n),
+                bounds=Bounds(0, 1),
+                options={"mip_rel_gap": 0.0},
+            )
         if res.x is None:
             raise BudgetError(f"no plan fits {budget} bits ({res.message})")
         choice = [int(np.argmax(res.x[a:b])) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
