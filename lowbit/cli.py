@@ -14,7 +14,8 @@ from lowbit.errors import LowbitError
 
 
 def _bits(value: str) -> int | float:
-    """A whole number is a uniform code width; a fraction is an average budget in bpw."""
+    """A whole number ("4") is a uniform code width; a decimal ("3.25", also "3.0") is an average
+    budget in bpw, so "--bits 3.0" never silently becomes uniform int3 at 3.16 bpw."""
     try:
         bits = float(value)
     except ValueError:
@@ -23,7 +24,7 @@ def _bits(value: str) -> int | float:
         raise LowbitError(
             f"--bits must be from 2 to 8, got {value}; e.g. --bits 4 (uniform) or --bits 3.25 (average budget)"
         )
-    return int(bits) if bits == int(bits) else bits
+    return int(bits) if bits == int(bits) and value.strip().lstrip("+").isdigit() else bits
 
 
 def _group_size(value: str) -> int | None:
@@ -89,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="HF model directory, .gguf file, hub id, or alias (smollm2-135m)")
     q.add_argument(
         "--bits",
-        help="a whole number 2..8: every layer gets codes of that width; a fraction (e.g. 3.25): an average "
-        "budget in bits per weight, scales and zeros included, met by giving each layer its own format",
+        help="a whole number 2..8: every layer gets codes of that width; a decimal (e.g. 3.25 or 3.0): an "
+        "average budget in bits per weight, scales and zeros included, met by giving each layer its own format",
     )
     q.add_argument(
         "--keep",

@@ -114,6 +114,14 @@ def test_unsupported_architecture(capsys, tmp_path, tiny_tokenizer):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("text", "parsed"), [("4", 4), (" 3", 3), ("3.0", 3.0), ("3.25", 3.25), ("8.", 8.0)])
+def test_bits_with_a_decimal_point_is_a_budget(text, parsed):
+    from lowbit.cli import _bits
+
+    bits = _bits(text)
+    assert bits == parsed and type(bits) is type(parsed)  # int: uniform code width; float: bpw budget
+
+
 @pytest.mark.parametrize("bits", ["1", "9", "1.5", "four"])
 def test_bits_outside_range(capsys, tmp_path, tiny_model_dir, bits):
     code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", bits, "--out", tmp_path / "o")
