@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lowbit.allocate.evolve import PlanEvaluator, Refinement, evolve
 from lowbit.allocate.knapsack import solve_mckp
-from lowbit.allocate.planner import check_feasible, plan_for_budget, starting_plans
+from lowbit.allocate.planner import check_feasible, plan_for_budget, starting_plans, upgrade_choice
 from lowbit.allocate.rules import KeepRule, apply_rules, parse_rules
 from lowbit.allocate.sensitivity import Measurements, default_candidates, measure, windows_digest
 from lowbit.allocate.size import SizeBudget, size_budget
@@ -311,7 +311,7 @@ def _plan_from_budget(
     else:  # pinned layers are in size.fixed_bytes already; the free linears share what is left
         linear_bits = size.linear_bits
         if size.tables:
-            table_choice = _choose_tables(model, meas, free, size, cands, windows)
+            table_choice = _choose_tables(model, meas, free, size, cands, windows, allocator)
             linear_bits -= sum(size.table_costs[n][j] for n, j in table_choice.items())
         budget_bpw = linear_bits / sum(shapes[n].numel() for n in free)
         plan = plan_for_budget(
@@ -361,17 +361,23 @@ def _refine(model, meas, plan, refine, weighting, progress) -> Refinement:
         meas.bank = None
 
 
-def _choose_tables(model, meas: Measurements, free: list[str], size: SizeBudget, cands, windows) -> dict[str, int]:
+def _choose_tables(
+    model, meas: Measurements, free: list[str], size: SizeBudget, cands, windows, allocator: str
+) -> dict[str, int]:
     """Float (0) or a candidate (1 + its index) for the embedding and head: one knapsack over
     them and the linears together, all errors in `relative` units (lowbit.tables), so a table
-    is packed exactly when that buys more than the same bytes spent on the linears."""
+    is packed exactly when that buys more than the same bytes spent on the linears. Under the
+    `upgrade` allocator no table may be worse than under the best uniform format that fits
+    everything: the free knapsack packed SmolLM2's tied embedding/head at 2 bits to buy
+    4.6 bpw linears, and KLD went to 3.1 (BENCHMARKS.md)."""
     names = list(size.table_costs)
-    table_err = [[0.0, *table_errors(model, t, cands, windows)] for t in size.tables]
-    picks = solve_mckp(
-        [size.costs[n] for n in free] + [size.table_costs[n] for n in names],
-        [meas.weighted_errors(n, "relative") for n in free] + table_err,
-        size.linear_bits,
-    )
+    costs = [size.costs[n] for n in free] + [size.table_costs[n] for n in names]
+    errors = [meas.weighted_errors(n, "relative") for n in free]
+    errors += [[0.0, *table_errors(model, t, cands, windows)] for t in size.tables]
+    if allocator == "upgrade":
+        picks = upgrade_choice(costs, errors, size.linear_bits, extra=[0] * len(free) + [1] * len(names))
+    else:
+        picks = solve_mckp(costs, errors, size.linear_bits)
     return dict(zip(names, picks[len(free) :], strict=True))
 
 

@@ -98,3 +98,18 @@ def test_knapsack_prints_nothing_on_the_terminal(capfd):
     print("still here")
     out, _ = capfd.readouterr()
     assert out == "still here\n"
+
+
+def test_upgrade_never_trades_a_table_below_the_uniform_base_but_may_keep_it_in_float():
+    from lowbit.allocate.planner import upgrade_choice
+
+    # two linears (candidates 2/4/6 bits) and a table (float, then the same three formats)
+    costs = [[2, 4, 6], [2, 4, 6], [16, 2, 4, 6]]
+    errors = [[1.0, 0.1, 0.02], [1.0, 0.1, 0.02], [0.0, 0.05, 0.01, 0.005]]
+    extra = [0, 0, 1]
+    # the free knapsack packs the table cheaply to buy a better linear (0.17 < 0.21 on the proxy)
+    assert solve_mckp(costs, errors, 12)[2] == 1
+    # upgrade: the uniform base is the 4-bit format; the table may not go below it
+    assert upgrade_choice(costs, errors, 12, extra=extra) == [1, 1, 2]
+    # float is never worse than the base, so it stays open when the bytes allow it
+    assert upgrade_choice(costs, errors, 28, extra=extra) == [2, 2, 0]

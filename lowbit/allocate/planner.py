@@ -103,7 +103,7 @@ def plan_for_budget(
     if allocator == "knapsack":
         choice = solve_mckp(costs, errors, budget)
     elif allocator == "upgrade":
-        choice = _upgrade_choice(costs, errors, budget)
+        choice = upgrade_choice(costs, errors, budget)
     else:
         levels = [[c / n for c in cs] for cs, n in zip(costs, numel, strict=True)]
         # BAQ's sensitivity c in L(b) = c 2^(-2b): geometric mean of the fits at every measured level
@@ -127,20 +127,32 @@ def plan_for_budget(
     )
 
 
-def _upgrade_choice(costs: list[list[int]], errors: list[list[float]], budget: int) -> list[int]:
+def upgrade_choice(
+    costs: list[list[int]], errors: list[list[float]], budget: int, extra: list[int] | None = None
+) -> list[int]:
     """The uniform candidate that fits with the least summed error, then the bits it leaves
     spent by the knapsack, each layer limited to candidates whose measured error is no larger
     than the uniform one's there. No layer gets worse than under the uniform plan, so the
     additive proxy's blind spot (a cheap layer's extra error hurting more downstream than
-    measured, which made mixed plans lose to uniform int4 near 4.25 bpw) cannot be exploited."""
-    n_cands = len(costs[0])
-    if any(len(c) != n_cands for c in costs):
+    measured, which made mixed plans lose to uniform int4 near 4.25 bpw) cannot be exploited.
+
+    `extra[i]` leading candidates of item i (a table's float option) are not formats shared by
+    every item: they take no part in choosing the uniform base, but stay open if no worse."""
+    extra = extra or [0] * len(costs)
+    shared = [len(c) - x for c, x in zip(costs, extra, strict=True)]
+    n_cands = shared[0]
+    if any(n != n_cands for n in shared):
         raise BudgetError("the upgrade allocator needs the same candidates for every layer")
-    fitting = [j for j in range(n_cands) if sum(c[j] for c in costs) <= budget]
+    fitting = [j for j in range(n_cands) if sum(c[j + x] for c, x in zip(costs, extra, strict=True)) <= budget]
     if not fitting:  # no single format fits everywhere: fall back to the free knapsack
         return solve_mckp(costs, errors, budget)
-    base = min(fitting, key=lambda j: (sum(e[j] for e in errors), -sum(c[j] for c in costs)))
-    allowed = [[j for j in range(n_cands) if e[j] <= e[base]] for e in errors]
+
+    def base_key(j: int) -> tuple[float, int]:
+        pairs = list(zip(costs, errors, extra, strict=True))
+        return sum(e[j + x] for _, e, x in pairs), -sum(c[j + x] for c, _, x in pairs)
+
+    base = min(fitting, key=base_key)
+    allowed = [[j for j in range(len(e)) if e[j] <= e[base + x]] for e, x in zip(errors, extra, strict=True)]
     picks = solve_mckp(
         [[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)],
         [[e[j] for j in ok] for e, ok in zip(errors, allowed, strict=True)],
