@@ -138,21 +138,21 @@ def upgrade_choice(
 
     `extra[i]` leading candidates of item i (a table's float option) are not formats shared by
     every item: they take no part in choosing the uniform base, but stay open if no worse."""
-    extra = extra or [0] * len(costs)
-    shared = [len(c) - x for c, x in zip(costs, extra, strict=True)]
-    n_cands = shared[0]
-    if any(n != n_cands for n in shared):
+    items = list(zip(costs, errors, extra or [0] * len(costs), strict=True))
+    shared = {len(c) - x for c, _, x in items}
+    if len(shared) > 1:
         raise BudgetError("the upgrade allocator needs the same candidates for every layer")
-    fitting = [j for j in range(n_cands) if sum(c[j + x] for c, x in zip(costs, extra, strict=True)) <= budget]
+
+    def uniform(j: int) -> tuple[int, float]:
+        """Total cost and summed error with shared candidate j everywhere."""
+        return sum(c[j + x] for c, _, x in items), sum(e[j + x] for _, e, x in items)
+
+    totals = {j: uniform(j) for j in range(max(shared, default=0))}
+    fitting = [j for j, (cost, _) in totals.items() if cost <= budget]
     if not fitting:  # no single format fits everywhere: fall back to the free knapsack
         return solve_mckp(costs, errors, budget)
-
-    def base_key(j: int) -> tuple[float, int]:
-        pairs = list(zip(costs, errors, extra, strict=True))
-        return sum(e[j + x] for _, e, x in pairs), -sum(c[j + x] for c, _, x in pairs)
-
-    base = min(fitting, key=base_key)
-    allowed = [[j for j in range(len(e)) if e[j] <= e[base + x]] for e, x in zip(errors, extra, strict=True)]
+    base = min(fitting, key=lambda j: (totals[j][1], -totals[j][0]))
+    allowed = [[j for j in range(len(e)) if e[j] <= e[base + x]] for _, e, x in items]
     picks = solve_mckp(
         [[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)],
         [[e[j] for j in ok] for e, ok in zip(errors, allowed, strict=True)],
