@@ -32,6 +32,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
 from foundation import MODEL  # noqa: E402
+from lowbit.pipeline import GPTQSettings  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.allocate import plan_for_budget  # noqa: E402
@@ -41,7 +42,6 @@ from lowbit.allocate.sensitivity import default_candidates, measure, pareto_fron
 from lowbit.eval import evaluate_windows, protocol_windows  # noqa: E402
 from lowbit.eval.reference import cached_reference  # noqa: E402
 from lowbit.models.adapters import get_adapter, quantizable_linears  # noqa: E402
-from lowbit.pipeline import GPTQSettings  # noqa: E402
 from lowbit.quantize import calibration_data, round_parameters  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "budget.json"

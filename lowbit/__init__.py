@@ -1,11 +1,27 @@
 """lowbit: post-training quantization of LLMs to a size you choose, with honest measurements."""
 
-__version__ = "0.1.0"
+from lowbit.artifact import load, save
+from lowbit.errors import LowbitError
+from lowbit.eval import evaluate
+from lowbit.layers import QuantizedLayer, quantized_layers
+from lowbit.models import load_model
+from lowbit.quantize import quantize
+from lowbit.recipe import Budget, Calibration, GPTQSettings, Recipe, RTNSettings
+from lowbit.version import __version__
 
-from lowbit.artifact import load, save  # noqa: E402
-from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.eval import evaluate  # noqa: E402
-from lowbit.models import load_model  # noqa: E402
-from lowbit.quantize import quantize  # noqa: E402
-
-__all__ = ["LowbitError", "evaluate", "load", "load_model", "quantize", "save", "__version__"]
+__all__ = [
+    "Budget",
+    "Calibration",
+    "GPTQSettings",
+    "LowbitError",
+    "QuantizedLayer",
+    "RTNSettings",
+    "Recipe",
+    "evaluate",
+    "load",
+    "load_model",
+    "quantize",
+    "quantized_layers",
+    "save",
+    "__version__",
+]

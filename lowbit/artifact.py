@@ -20,10 +20,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.dtypes import DTYPES
 from lowbit.errors import ArtifactError, BudgetError, LowbitError
 from lowbit.formats import format_from_dict
-from lowbit.quantize import STORAGE_DTYPES, QuantizationInfo
+from lowbit.modules import set_module
+from lowbit.records import QuantizationInfo
+from lowbit.report import plan_heatmap
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
+from lowbit.version import __version__
 
 MANIFEST = "lowbit_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -50,7 +54,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, torch.Tensor], list]:
     """State dict with parameters in the storage dtype and tied tensors stored once."""
-    dtype = STORAGE_DTYPES[info.storage_dtype]
+    dtype = DTYPES[info.storage_dtype]
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tensors: dict[str, torch.Tensor] = {}
     first_name: dict[int, str] = {}
@@ -122,7 +126,7 @@ def save(
         )
         manifest = {
             "artifact_version": ARTIFACT_VERSION,
-            "lowbit_version": _version(),
+            "lowbit_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model_type": model.config.model_type,
             **info.to_dict(),
@@ -139,8 +143,6 @@ def save(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         budget = info.settings.get("budget")
         if budget:  # mixed precision: show the plan at a glance
-            from lowbit.report import plan_heatmap
-
             title = f"{budget['allocator']} plan: {budget['achieved_bpw']:.3f} bpw (budget {budget['bpw']})"
             plan_heatmap(info.layers, tmp / "plan.png", title)
         if out.exists():
@@ -154,18 +156,6 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _set_module(model: nn.Module, name: str, value: nn.Module | torch.Tensor) -> None:
-    """Set a submodule, parameter or buffer by its dotted name."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, value)
-
-
-def _version() -> str:
-    from lowbit import __version__
-
-    return __version__
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -222,10 +212,10 @@ def load(path: str | os.PathLike, return_tokenizer: bool = False, verify_checksu
             qlayer = QuantizedEmbedding(out, n, fmt, layer.get("padding_idx"), device="meta")
             quantized_embedding = True
             if layer.get("tied_head"):  # its buffers come from the embedding's, via `tied` below
-                _set_module(model, layer["tied_head"], QuantizedLinear(n, out, fmt, device="meta"))
+                set_module(model, layer["tied_head"], QuantizedLinear(n, out, fmt, device="meta"))
         else:
             qlayer = QuantizedLinear(n, out, fmt, bias=f"{name}.bias" in tensors, device="meta")
-        _set_module(model, name, qlayer)
+        set_module(model, name, qlayer)
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     state = {k: (v.float() if k in params and v.is_floating_point() else v) for k, v in tensors.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -235,22 +225,14 @@ def load(path: str | os.PathLike, return_tokenizer: bool = False, verify_checksu
             "it was written by another lowbit version or edited"
         )
     for name, source in manifest.get("tied", []):  # stored once: point every other name at it
-        _set_module(model, name, model.get_parameter_or_buffer(source))
+        set_module(model, name, model.get_parameter_or_buffer(source))
     if not quantized_embedding:  # transformers' own tying reads the embedding's float weight
         model.tie_weights()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta":
             raise ArtifactError(f"artifact is missing tensor {name}; re-create the artifact with lowbit quantize")
     model.eval()
-    info = QuantizationInfo(
-        method=manifest["method"],
-        settings=manifest["settings"],
-        storage_dtype=manifest["storage_dtype"],
-        layers=manifest["layers"],
-        unquantized=manifest["unquantized"],
-        source=manifest.get("source"),
-        stats=manifest.get("stats", {}),
-    )
+    info = QuantizationInfo.from_manifest(manifest)
     model.lowbit_info = info
     model.lowbit_manifest = manifest
     if not return_tokenizer:

@@ -1,30 +1,43 @@
-"""`lowbit` command line: quantize, eval, inspect."""
+"""`lowbit` command line: quantize, eval, inspect.
+
+It parses arguments into the library's values (a Recipe, EvalSettings), calls the library and
+prints what comes back; what the options mean is checked and decided in the library.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import logging
 import sys
-import time
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lowbit.errors import LowbitError
 
 
-def _bits(value: str) -> int | float:
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming the problem and where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message}; see {self.prog} --help")
+
+
+def _bits(value: str, flag: str = "--bits") -> int | float:
     """A whole number ("4") is a uniform code width; a decimal ("3.25", also "3.0") is an average
-    budget in bpw, so "--bits 3.0" never silently becomes uniform int3 at 3.16 bpw."""
+    budget in bpw, so "--bits 3.0" never silently becomes uniform int3 at 3.16 bpw. `--bpw` is
+    always a budget."""
     try:
         bits = float(value)
     except ValueError:
-        raise LowbitError(f"--bits must be a number from 2 to 8, got {value!r}") from None
-    if not 2 <= bits <= 8:
         raise LowbitError(
-            f"--bits must be from 2 to 8, got {value}; e.g. --bits 4 (uniform) or --bits 3.25 (average budget)"
-        )
-    return int(bits) if bits == int(bits) and value.strip().lstrip("+").isdigit() else bits
+            f"{flag} must be a number of bits, got {value!r}; e.g. --bits 4 (uniform) or --bits 3.25 (average budget)"
+        ) from None
+    uniform = flag == "--bits" and value.strip().lstrip("+").isdigit()
+    return int(bits) if uniform else bits
 
 
 def _group_size(value: str) -> int | None:
@@ -39,29 +52,7 @@ def _group_size(value: str) -> int | None:
     return gs
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return n
-
-
-def resume_dir(out: str) -> Path:
-    """Where an interrupted gptq run keeps its finished blocks: a hidden sibling of --out."""
-    out_path = Path(out).expanduser().resolve()
-    return out_path.parent / f".{out_path.name}.lowbit-resume"
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen") -> None:
+def _add_eval_options(p: argparse.ArgumentParser, legacy: str) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--quick", dest="protocol", action="store_const", const="quick", help="first 64 windows of 512 tokens (default)"
@@ -73,18 +64,17 @@ def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen")
     p.add_argument(
         "--data", default="wikitext2", help="evaluation text: a named data set (wikitext2) or a .txt/.jsonl file"
     )
-    p.add_argument(
-        seqlen_flag, dest="eval_seqlen", type=int, default=512, help="tokens per evaluation window (default 512)"
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="evaluation windows per forward pass (default 4)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--eval-batch-size", type=int, default=4, help="evaluation windows per forward pass (default 4)")
+    # the spellings of lowbit 0.1, kept working but no longer shown
+    if legacy == "eval":
+        p.add_argument("--seqlen", dest="eval_seqlen", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lowbit",
-        description="Quantize LLMs to a size you choose and measure what it cost.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lowbit", description="Quantize LLMs to a size you choose and measure what it cost.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model and write an artifact directory")
     q.add_argument("model", help="HF model directory, .gguf file, hub id, or alias (smollm2-135m)")
@@ -93,16 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a whole number 2..8: every layer gets codes of that width; a decimal (e.g. 3.25 or 3.0): an "
         "average budget in bits per weight, scales and zeros included, met by giving each layer its own format",
     )
-    q.add_argument(
-        "--keep",
-        help='pin layers: comma-separated globs over layer names, "PATTERN" keeps matches in float, '
-        '"PATTERN=FORMAT" fixes their format, e.g. "*.0.self_attn.*=8bit,*.29.mlp.down_proj=int6-g64"',
-    )
-    q.add_argument("--bpw", type=float, help="average budget in bits per weight (like a fractional --bits)")
+    q.add_argument("--bpw", help="average budget in bits per weight, 2..8 (the same as --bits with a decimal)")
     q.add_argument(
         "--size",
         help="budget for the whole weights file, float embeddings/head/norms and header included, e.g. 70MB "
         "(10^6 bytes) or 64MiB; layers get formats by their exact packed bytes",
+    )
+    q.add_argument(
+        "--keep",
+        help='pin layers: comma-separated globs over layer names, "PATTERN" keeps matches in float, '
+        '"PATTERN=FORMAT" fixes their format, e.g. "*.0.self_attn.*=8bit,*.29.mlp.down_proj=int6-g64"',
     )
     q.add_argument(
         "--measurements",
@@ -112,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--allocator",
         default="upgrade",
-        choices=["knapsack", "baq", "upgrade"],
         help="budget runs: upgrade (default): the best uniform format that fits, its spare bits spent by the "
         "knapsack where they cut the error most, no layer worse; knapsack: the free knapsack on measured "
         "errors; baq: BAQ's closed form (BENCHMARKS.md compares them)",
@@ -120,9 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--weighting",
         default="relative",
-        choices=["relative", "stream", "raw"],
-        help="budget runs: how layer errors are compared across layers and depths (default relative: each "
-        "layer's error as a fraction of its own output energy; see README and BENCHMARKS.md)",
+        help="budget runs: how layer errors are compared across layers and depths: relative (default: each "
+        "layer's error as a fraction of its own output energy), stream or raw (see README and BENCHMARKS.md)",
     )
     q.add_argument(
         "--refine",
@@ -133,10 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "whole-model KL divergence (default 0: off; holds every layer's Pareto candidates in memory)",
     )
     q.add_argument(
-        "--refine-windows",
-        type=_positive_int,
-        default=4,
-        help="held-out calibration windows the refinement scores plans on (default 4)",
+        "--refine-windows", type=int, default=4, help="held-out calibration windows the refinement scores plans on (4)"
     )
     q.add_argument(
         "--group-size", default="128", help="inputs sharing one scale: a positive integer or 'channel' (default 128)"
@@ -157,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c = q.add_argument_group("calibration (gptq)")
     c.add_argument("--calib", default="c4", help="calibration text: a named data set (c4, wikipedia) or a .txt/.jsonl")
-    c.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
-    c.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seqlen", dest="calib_seqlen", type=int, help=argparse.SUPPRESS)  # lowbit 0.1's spelling
     c.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal (0.01)")
     c.add_argument(
         "--act-order",
@@ -179,17 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="re-solve group scales for the final codes by least squares on the Hessian (default on)",
     )
-    c.add_argument("--calib-batch-size", type=_positive_int, default=8, help="windows per block forward (default 8)")
+    c.add_argument("--calib-batch-size", type=int, default=8, help="windows per block forward (default 8)")
     c.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted gptq run from the state kept next to --out (same settings required)",
+        help="continue an interrupted run (measurement or GPTQ pass) from the state kept next to --out "
+        "(same settings required)",
     )
     q.add_argument("--scale-dtype", default="float16", help="dtype of stored scales (default float16)")
     q.add_argument(
         "--storage-dtype",
         default="float16",
-        help="dtype of unquantized tensors: embeddings, head, norms (default float16)",
+        help="dtype of unquantized tensors: embeddings, head, norms: float16 (default), bfloat16 or float32",
     )
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -202,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow model code from the hub (off by default: it runs arbitrary code)",
     )
     q.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    _add_eval_options(q, seqlen_flag="--eval-seqlen")
+    _add_eval_options(q, legacy="quantize")
 
     e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement of a model")
     e.add_argument("model", help="lowbit artifact, HF model directory, .gguf file, hub id or alias")
@@ -210,13 +197,63 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-reference", action="store_true", help="perplexity only")
     e.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     e.add_argument("--json", action="store_true", help="print results as JSON")
-    _add_eval_options(e)
+    _add_eval_options(e, legacy="eval")
 
     i = sub.add_parser("inspect", help="show what an artifact holds: formats, bpw, sizes, results")
     i.add_argument("artifact", help="artifact directory written by lowbit quantize")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return parser
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The Recipe the quantize options describe (validated by the library)."""
+    from lowbit.allocate.size import parse_size
+    from lowbit.recipe import GPTQSettings, Recipe
+
+    if args.bits is not None and args.bpw is not None:
+        raise LowbitError("give --bits or --bpw, not both (--bpw 3.25 is --bits 3.25)")
+    size = parse_size(args.size) if args.size is not None else None
+    bits = _bits(args.bits) if args.bits is not None else _bits(args.bpw, "--bpw") if args.bpw is not None else None
+    if bits is None and size is None:
+        raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25), --bpw or --size")
+    if size is not None and bits is not None:
+        raise LowbitError("give --bits/--bpw or --size, not both")
+    gptq = None
+    if args.method == "gptq":
+        gptq = GPTQSettings(
+            percdamp=args.damp,
+            act_order=args.act_order,
+            true_sequential=args.true_sequential,
+            batch_size=args.calib_batch_size,
+            scale_refit=args.scale_refit,
+        )
+    return Recipe.build(
+        bits=bits if isinstance(bits, int) else 4,
+        group_size=_group_size(args.group_size),
+        symmetric=args.sym,
+        method=args.method,
+        clip_search=args.clip_search,
+        scale_dtype=args.scale_dtype,
+        storage_dtype=args.storage_dtype,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.calib_seqlen,
+        gptq=gptq,
+        budget_bpw=bits if isinstance(bits, float) else None,
+        size_bytes=size,
+        allocator=args.allocator,
+        weighting=args.weighting,
+        refine_seconds=args.refine,
+        refine_windows=args.refine_windows,
+        keep=args.keep,
+    )
+
+
+def _eval_settings(args: argparse.Namespace):
+    from lowbit.eval import EvalSettings
+
+    return EvalSettings(args.data, args.protocol, args.eval_seqlen, args.eval_batch_size)
 
 
 def _print_metrics(m: dict[str, Any]) -> None:
@@ -230,120 +267,56 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.allocate.size import parse_size
-    from lowbit.artifact import check_output_dir, save
-    from lowbit.eval import evaluate_windows, protocol_windows, reference_perplexity
-    from lowbit.eval.reference import cached_reference
-    from lowbit.formats import IntFormat
-    from lowbit.models import load_model
-    from lowbit.pipeline import GPTQSettings
-    from lowbit.quantize import quantize
+    from lowbit.job import quantize_to_artifact
 
-    size_bytes = parse_size(args.size) if args.size is not None else None
-    if args.bits is None and args.bpw is None and size_bytes is None:
-        raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25), --bpw or --size")
-    if size_bytes is not None and (args.bits is not None or args.bpw is not None):
-        raise LowbitError("give --bits/--bpw or --size, not both")
-    bits = _bits(args.bits) if args.bits is not None else (float(args.bpw) if args.bpw is not None else 4)
-    budget = args.bpw if args.bpw is not None else (bits if isinstance(bits, float) else None)
-    group_size = _group_size(args.group_size)
-    if budget is None and size_bytes is None:
-        IntFormat(bits, group_size, args.sym, args.scale_dtype)  # validate before any slow work
-    check_output_dir(args.out, args.overwrite)
-    ckpt_dir = resume_dir(args.out) if args.method == "gptq" else None
-    if ckpt_dir is not None and ckpt_dir.exists() and not args.resume:
-        if not args.overwrite:
-            raise LowbitError(
-                f"an interrupted run left its finished blocks in {ckpt_dir}; "
-                "pass --resume to continue it, or --overwrite to start over"
-            )
-        shutil.rmtree(ckpt_dir)
-    if args.resume and (ckpt_dir is None or not (ckpt_dir / "state.json").is_file()):
-        print("note: nothing to resume; starting from the first block", file=sys.stderr)
-    t0 = time.perf_counter()
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    windows = ref = None
-    if args.eval:
-        windows = protocol_windows(loaded.tokenizer, args.data, args.protocol, args.eval_seqlen)
-        ref = cached_reference(loaded.source.fingerprint(), windows, lambda: loaded.model, args.batch_size)
-    gptq = GPTQSettings(
-        percdamp=args.damp,
-        act_order=args.act_order,
-        true_sequential=args.true_sequential,
-        batch_size=args.calib_batch_size,
-        clip_search=args.clip_search is not False,
-        scale_refit=args.scale_refit,
-    )
-    t1 = time.perf_counter()
-    model = quantize(
-        loaded.model,
-        bits=bits if budget is None else 4,
-        budget_bpw=budget,
-        size_bytes=size_bytes,
-        measurements=args.measurements,
-        allocator=args.allocator,
-        weighting=args.weighting,
-        refine_seconds=args.refine,
-        refine_windows=args.refine_windows,
-        keep=args.keep,
-        group_size=group_size,
-        symmetric=args.sym,
-        method=args.method,
-        clip_search=bool(args.clip_search),
-        scale_dtype=args.scale_dtype,
-        storage_dtype=args.storage_dtype,
-        tokenizer=loaded.tokenizer,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        gptq=gptq,
-        checkpoint_dir=ckpt_dir,
+    recipe = recipe_from_args(args)
+    evaluation = _eval_settings(args)  # checked even without --eval, so a typo is never silently kept
+    done = quantize_to_artifact(
+        args.model,
+        recipe,
+        args.out,
+        overwrite=args.overwrite,
         resume=args.resume,
+        measurements=args.measurements,
+        evaluation=evaluation if args.eval else None,
+        trust_remote_code=args.trust_remote_code,
     )
-    info = model.lowbit_info
-    info.source = loaded.source.identity
-    info.stats.update({"quantize_seconds": time.perf_counter() - t1, "peak_rss_mb": _peak_rss_mb()})
-    evaluation = None
-    if args.eval:
-        evaluation = evaluate_windows(model, windows, ref, args.batch_size, desc="quantized model")
-        evaluation.update({"data": args.data, "protocol": args.protocol})
-        evaluation["reference_perplexity"] = reference_perplexity(ref, windows, args.batch_size)
-    out = save(model, args.out, loaded.tokenizer, overwrite=args.overwrite, evaluation=evaluation)
-    if ckpt_dir is not None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    manifest = json.loads((out / "lowbit_manifest.json").read_text())
+    m = done.manifest
+    budget = m["settings"].get("budget")
     summary = {
-        "out": str(out),
-        "format": info.settings["format"],
-        "budget": info.settings.get("budget"),
-        "bits_per_weight": info.bits_per_weight,
-        "artifact_bytes": manifest["sizes"]["artifact_bytes"],
-        "fp16_bytes": manifest["sizes"]["fp16_bytes"],
-        "seconds": time.perf_counter() - t0,
-        "quantize_seconds": info.stats["quantize_seconds"],
-        "peak_rss_mb": _peak_rss_mb(),
-        "pipeline": info.stats.get("pipeline"),
-        "evaluation": evaluation,
+        "out": str(done.out),
+        "format": m["settings"]["format"],
+        "budget": budget,
+        "bits_per_weight": m["bits_per_weight"],
+        "artifact_bytes": m["sizes"]["artifact_bytes"],
+        "fp16_bytes": m["sizes"]["fp16_bytes"],
+        "quantize_seconds": m["stats"]["quantize_seconds"],
+        "peak_rss_mb": m["stats"]["peak_rss_mb"],
+        "pipeline": m["stats"].get("pipeline"),
+        "evaluation": done.evaluation,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(
-        f"wrote {out}: {len(info.layers)} layers at {info.bits_per_weight:.4f} bpw, "
+        f"wrote {done.out}: {len(m['layers'])} layers at {m['bits_per_weight']:.4f} bpw, "
         f"{summary['artifact_bytes'] / 1e6:.1f} MB (16-bit: {summary['fp16_bytes'] / 1e6:.1f} MB)"
     )
-    if "budget" in info.settings:
-        b = info.settings["budget"]
-        counts = ", ".join(f"{n} x{c}" for n, c in b["formats"].items())
-        if b.get("size_bytes"):
-            weights = manifest["sizes"]["weights_bytes"]
+    if budget:
+        counts = ", ".join(f"{n} x{c}" for n, c in budget["formats"].items())
+        if budget.get("size_bytes"):
+            weights = m["sizes"]["weights_bytes"]
             print(
-                f"size budget {b['size_bytes'] / 1e6:.2f} MB ({b['allocator']}): weights file {weights / 1e6:.2f} MB, "
-                f"{b['fixed_bytes'] / 1e6:.2f} MB of it float or pinned; formats: {counts}{_tables_text(b)}"
+                f"size budget {budget['size_bytes'] / 1e6:.2f} MB ({budget['allocator']}): weights file "
+                f"{weights / 1e6:.2f} MB, {budget['fixed_bytes'] / 1e6:.2f} MB of it float or pinned; "
+                f"formats: {counts}{_tables_text(budget)}"
             )
         else:
-            print(f"budget {b['bpw']} bpw ({b['allocator']}): achieved {b['achieved_bpw']:.4f}; formats: {counts}")
-        r = b.get("refinement")
+            print(
+                f"budget {budget['bpw']} bpw ({budget['allocator']}): achieved {budget['achieved_bpw']:.4f}; "
+                f"formats: {counts}"
+            )
+        r = budget.get("refinement")
         if r:
             rho = r["proxy_rank_correlation"]
             print(
@@ -351,37 +324,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 f"generations ({r['seconds']:.0f} s); proxy-vs-KL rank correlation "
                 f"{'n/a' if rho is None else f'{rho:.2f}'} over {r['plans_scored']} plans"
             )
-    if evaluation:
-        _print_metrics(evaluation)
+    if done.evaluation:
+        _print_metrics(done.evaluation)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lowbit.eval import evaluate
-    from lowbit.models import load_model, resolve_model_source
+    from lowbit.eval import default_reference, evaluate
+    from lowbit.models import load_model
 
+    settings = _eval_settings(args)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if loaded.tokenizer is None:
         raise LowbitError(f"{args.model} has no tokenizer files; re-create the artifact with lowbit quantize")
-    reference = None if args.no_reference else args.reference
-    manifest = getattr(loaded.model, "lowbit_manifest", None)
-    if reference is None and not args.no_reference and manifest and manifest.get("source"):
-        try:
-            resolve_model_source(manifest["source"])
-            reference = manifest["source"]
-        except LowbitError:
-            print(f"note: source model {manifest['source']} not found; perplexity only", file=sys.stderr)
+    reference = None if args.no_reference else args.reference or default_reference(loaded.model)
     result = evaluate(
         loaded.model,
         loaded.tokenizer,
         reference=reference,
-        data=args.data,
-        protocol=args.protocol,
-        seqlen=args.eval_seqlen,
-        batch_size=args.batch_size,
+        data=settings.data,
+        protocol=settings.protocol,
+        seqlen=settings.seqlen,
+        batch_size=settings.batch_size,
     )
     result["model"] = args.model
     result["reference"] = reference
+    manifest = getattr(loaded.model, "lowbit_manifest", None)
     if manifest:
         result["bits_per_weight"] = manifest["bits_per_weight"]
         result["artifact_bytes"] = manifest["sizes"]["artifact_bytes"]
@@ -434,11 +402,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 f"{m['sizes']['weights_bytes'] / 1e6:.2f} MB ({budget['fixed_bytes'] / 1e6:.2f} MB float or pinned)"
                 f"{_tables_text(budget)}"
             )
+        seconds = budget.get("measurement_seconds")
+        measured = "reused" if budget["measurements_reused"] else f"{seconds:.0f} s"
         print(
             f"plan         budget {budget['bpw']:.4g} bpw, achieved {budget['achieved_bpw']:.4f} "
-            f"({budget['allocator']}); "
-            f"{counts}; measurement {budget['measurement_seconds']:.0f} s"
-            f"{' (reused)' if budget['measurements_reused'] else ''}"
+            f"({budget['allocator']}); {counts}; measurement {measured}"
         )
         r = budget.get("refinement")
         if r:
@@ -495,7 +463,12 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(format="lowbit: note: %(message)s", level=logging.WARNING, force=True)
     try:
         return COMMANDS[args.command](args)
     except LowbitError as exc:
@@ -503,10 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         kept = ""
-        if args.command == "quantize" and getattr(args, "method", None) == "gptq":
-            ckpt = resume_dir(args.out)
-            if (ckpt / "state.json").is_file():
-                kept = f"; finished blocks are kept in {ckpt}: rerun with --resume to continue"
+        if args.command == "quantize":
+            from lowbit.job import has_resume_state, resume_dir
+
+            if has_resume_state(args.out):
+                kept = f"; finished blocks are kept in {resume_dir(args.out)}: rerun with --resume to continue"
         print(f"lowbit: interrupted; no artifact was written{kept}", file=sys.stderr)
         return 130
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from lowbit.formats import Format
+from lowbit.modules import set_module
+from lowbit.records import layer_record
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
 
 # rows the calibration never shows still count a little: tokens unseen there occur elsewhere
@@ -95,23 +97,8 @@ def quantize_table(model: nn.Module, table: Table, fmt: Format) -> dict:
         new: nn.Module = QuantizedEmbedding.from_quantized(qt, module.padding_idx)
     else:
         new = QuantizedLinear.from_quantized(qt, module.bias)
-    _replace(model, table.name, new)
+    set_module(model, table.name, new)
     if table.tied_head is not None:
-        _replace(model, table.tied_head, new.tied_head())
-    rows, cols = table.shape
-    return {
-        "kind": table.kind,
-        "tied_head": table.tied_head,
-        "padding_idx": getattr(module, "padding_idx", None),
-        "format": fmt.to_dict(),
-        "shape": [rows, cols],
-        "numel": rows * cols,
-        "storage_bits": fmt.storage_bits(rows, cols),
-        "bpw": fmt.bits_per_weight(rows, cols),
-        "weight_rel_mse": rel,
-    }
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+        set_module(model, table.tied_head, new.tied_head())
+    head = {"kind": table.kind, "tied_head": table.tied_head, "padding_idx": getattr(module, "padding_idx", None)}
+    return {**head, **layer_record(fmt, table.shape, weight_rel_mse=rel)}

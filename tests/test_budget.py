@@ -10,11 +10,11 @@ from conftest import make_tiny_model
 
 import lowbit
 from lowbit.allocate import Measurements, plan_for_budget
-from lowbit.allocate.rules import KeepRule, parse_rules
 from lowbit.allocate.sensitivity import MeasurementMismatchError
 from lowbit.errors import BudgetError, LowbitError
 from lowbit.formats import IntFormat
-from lowbit.pipeline import GPTQSettings
+from lowbit.keep import KeepRule, parse_rules
+from lowbit.recipe import GPTQSettings
 
 WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
 CANDIDATES = [IntFormat(b, 32) for b in (2, 3, 4, 8)]

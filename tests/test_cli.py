@@ -122,10 +122,61 @@ def test_bits_with_a_decimal_point_is_a_budget(text, parsed):
     assert bits == parsed and type(bits) is type(parsed)  # int: uniform code width; float: bpw budget
 
 
-@pytest.mark.parametrize("bits", ["1", "9", "1.5", "four"])
-def test_bits_outside_range(capsys, tmp_path, tiny_model_dir, bits):
-    code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", bits, "--out", tmp_path / "o")
-    one_line_error(code, err, "--bits must be")
+BAD_INPUTS = [
+    (["--bits", "1"], r"bits must be an integer from 2 to 8, got 1"),
+    (["--bits", "9"], r"bits must be an integer from 2 to 8, got 9"),
+    (["--bits", "1.5"], r"bit budget \(--bits/--bpw\) must be a number from 2 to 8, got 1\.5"),
+    (["--bits", "four"], r"--bits must be a number of bits, got 'four'"),
+    (["--bpw", "nan"], r"bit budget \(--bits/--bpw\) must be a number from 2 to 8, got nan"),
+    (["--bpw", "9"], r"bit budget \(--bits/--bpw\) must be a number from 2 to 8, got 9\.0"),
+    (["--bpw", "-1"], r"bit budget \(--bits/--bpw\) must be a number from 2 to 8, got -1\.0"),
+    (["--bits", "3.25", "--bpw", "3.25"], r"give --bits or --bpw, not both"),
+    (["--bits", "4", "--damp", "nan"], r"damping \(--damp\) must be a number from 0 to 1, got nan; e\.g\. --damp"),
+    (["--bits", "4", "--damp", "-1"], r"damping \(--damp\) must be a number from 0 to 1, got -1\.0"),
+    (["--bits", "4", "--eval-seqlen", "0"], r"--eval-seqlen must be a positive whole number, got 0"),
+    (["--bits", "4", "--batch-size", "0"], r"--eval-batch-size must be a positive whole number, got 0"),
+    (["--bits", "4", "--nsamples", "0"], r"calibration windows \(--nsamples\) must be a positive whole number"),
+    (["--bits", "4", "--calib-seqlen", "-5"], r"window length \(--calib-seqlen\) must be a positive whole number"),
+    (["--bits", "4", "--calib-batch-size", "0"], r"--calib-batch-size\) must be a positive whole number, got 0"),
+    (["--bits", "3.5", "--refine", "-5"], r"refinement time \(--refine, seconds\) must be a number from 0"),
+    (["--bits", "3.5", "--refine-windows", "0"], r"--refine-windows\) must be a positive whole number"),
+    (["--size", "0MB"], r"--size must be positive, got '0MB'"),
+    (["--size", "abc"], r"--size must be a byte count with an optional unit"),
+    (["--bits", "3.5", "--method", "rtn"], r"a budget needs --method gptq"),
+    (["--bits", "4", "--storage-dtype", "float8"], r"storage dtype \(--storage-dtype\) 'float8' is not supported"),
+    (["--bits", "4", "--scale-dtype", "int8"], r"scale dtype 'int8' is not supported"),
+    (["--bits", "3.5", "--allocator", "greedy"], r"unknown allocator 'greedy'; use one of upgrade, knapsack, baq"),
+    (["--bits", "3.5", "--weighting", "depth"], r"unknown error weighting 'depth'"),
+    (["--bits", "4", "--nsamples", "many"], r"argument --nsamples: invalid int value: 'many'; see lowbit quantize"),
+]
+
+
+@pytest.mark.parametrize(("options", "pattern"), BAD_INPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_quantize_options_are_refused_in_one_line_before_the_model_is_read(capsys, tmp_path, options, pattern):
+    """The model path does not exist: each refusal comes from checking the options first."""
+    code, _, err = run(capsys, "quantize", tmp_path / "no-such-model", *options, "--out", tmp_path / "o")
+    one_line_error(code, err, pattern)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("options", [["--seqlen", "0"], ["--eval-seqlen", "0"], ["--batch-size", "-2"]])
+def test_bad_eval_options_are_refused_before_the_model_is_read(capsys, tmp_path, options):
+    code, _, err = run(capsys, "eval", tmp_path / "no-such-model", *options)
+    one_line_error(code, err, r"--eval-(seqlen|batch-size) must be a positive whole number")
+
+
+def test_bpw_and_bits_with_a_decimal_point_are_one_budget_and_seqlen_spellings_agree():
+    from lowbit.cli import build_parser, recipe_from_args
+
+    def recipe(*argv):
+        return recipe_from_args(build_parser().parse_args(["quantize", "m", "--out", "o", *argv]))
+
+    a, b = recipe("--bits", "3.25"), recipe("--bpw", "3.25")
+    assert a.budget == b.budget and a.budget.bpw == 3.25 and a.format is None is b.format
+    assert recipe("--bpw", "4").budget.bpw == 4.0  # --bpw is always a budget
+    assert recipe("--bits", "4").format.bits == 4 and recipe("--bits", "4").budget is None
+    old, new = recipe("--bits", "4", "--seqlen", "256"), recipe("--bits", "4", "--calib-seqlen", "256")
+    assert old.calibration.seqlen == new.calibration.seqlen == 256
 
 
 @pytest.mark.parametrize("gs", ["0", "-3", "abc", "1.5"])

@@ -15,7 +15,7 @@ from lowbit.allocate.sensitivity import measure, pareto_front
 from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat
 from lowbit.models.adapters import get_adapter, quantizable_linears
-from lowbit.pipeline import GPTQSettings
+from lowbit.recipe import GPTQSettings
 
 WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
 CANDIDATES = [IntFormat(b, 32) for b in (2, 3, 4, 8)]

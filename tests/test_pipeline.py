@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
-from lowbit.cli import main, resume_dir
+from lowbit.cli import main
+from lowbit.data import calibration_data
 from lowbit.errors import CheckpointError, DataError, NonFiniteActivationError, NonFiniteWeightError
-from lowbit.pipeline import Checkpoint, GPTQSettings
-from lowbit.quantize import calibration_data
+from lowbit.job import resume_dir
+from lowbit.recipe import GPTQSettings
+from lowbit.walker import Checkpoint
 
 WINDOWS = torch.randint(2, 256, (16, 64), generator=torch.Generator().manual_seed(0))
 PROBE = torch.randint(2, 256, (4, 64), generator=torch.Generator().manual_seed(1))
@@ -30,7 +32,9 @@ def _kld(model, ref_logits) -> float:
 
 
 def _quantize(model, **kw):
-    kw = {"bits": 4, "group_size": 32, "calib": WINDOWS, "gptq": SETTINGS, "progress": False, **kw}
+    kw = {"bits": 4, "group_size": 32, "calib": WINDOWS, "progress": False, **kw}
+    if kw.get("method", "gptq") == "gptq":
+        kw.setdefault("gptq", SETTINGS)
     return lowbit.quantize(model, **kw)
 
 
@@ -103,7 +107,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Crash):
         _quantize(copy.deepcopy(base), checkpoint_dir=ckpt, on_block_done=_crash_after(1))
-    assert json.loads((ckpt / "state.json").read_text())["blocks_done"] == 2
+    assert json.loads((ckpt / "execute" / "state.json").read_text())["blocks_done"] == 2
     resumed = _quantize(copy.deepcopy(base), checkpoint_dir=ckpt, resume=True)
     assert resumed.lowbit_info.stats["pipeline"]["resumed_blocks"] == 2
     sa, sb = full.state_dict(), resumed.state_dict()
@@ -131,7 +135,7 @@ def test_crash_between_files_leaves_a_consistent_checkpoint(tmp_path, monkeypatc
     with pytest.raises(_Crash):
         _quantize(copy.deepcopy(base), checkpoint_dir=tmp_path)
     monkeypatch.setattr(Checkpoint, "_atomic", real)
-    assert json.loads((tmp_path / "state.json").read_text())["blocks_done"] == 2
+    assert json.loads((tmp_path / "execute" / "state.json").read_text())["blocks_done"] == 2
     resumed = _quantize(copy.deepcopy(base), checkpoint_dir=tmp_path, resume=True)
     assert all(
         torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)
@@ -213,13 +217,13 @@ def test_cli_gptq_records_layer_errors_and_resumes(capsys, tmp_path, tiny_model_
 
 
 def test_hessian_of_wide_inputs_from_the_upper_triangle_matches_the_full_product():
-    from lowbit.pipeline import PipelineStats, _HessianAccumulator
+    from lowbit.walker import HessianAccumulator
 
     torch.manual_seed(0)
     xs = [torch.randn(2, 37, 700) for _ in range(3)]  # 700 columns: triangle path, uneven row blocks
-    acc = _HessianAccumulator("x", 0, stop=False, stats=PipelineStats())
+    acc = HessianAccumulator()
     for x in xs:
-        acc(None, (x,))
+        acc.update(x)
     flat = torch.cat([x.reshape(-1, 700) for x in xs]).double()
     expected = 2 * flat.t() @ flat / flat.shape[0]
     torch.testing.assert_close(acc.hessian().double(), expected, rtol=1e-5, atol=1e-4)
@@ -234,28 +238,27 @@ def test_last_stage_output_correction_is_exact_or_falls_back(arch, last, linear)
     """Block outputs after the last linear changed: the X·dWᵀ shortcut where the linear feeds
     the residual stream directly, every batch run for real where a norm follows it (Gemma 2)."""
     from lowbit.models.adapters import decoder_blocks, get_adapter, linear_weight
-    from lowbit.pipeline import _corrected_outputs, _run_block, capture_block_calls
+    from lowbit.walker import Block, HessianAccumulator, WalkStats, capture_block_calls
 
     model = make_tiny_model(arch)
     adapter = get_adapter(model.config.model_type)
     calls = capture_block_calls(model, adapter, WINDOWS, batch_size=4)
-    block = decoder_blocks(model, adapter)[0]
-    layer = block.get_submodule(last)
-    seen: list[torch.Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    module = decoder_blocks(model, adapter)[0]
+    block = Block(0, module, f"{adapter.blocks}.0.", calls.first_inputs, calls, WalkStats())
+    layer = module.get_submodule(last)
+    seen = HessianAccumulator(keep_inputs=True)
     with torch.no_grad():
-        before = _run_block(block, calls.first_inputs, calls, 0)
-    handle.remove()
+        before = block.run({last: seen})
     old = linear_weight(layer).detach().clone()
     with torch.no_grad():
         layer.weight.add_(0.05 * torch.randn_like(layer.weight))
     delta = linear_weight(layer).detach() - old
     runs = []
-    handle = block.register_forward_pre_hook(lambda m, a, k=None: runs.append(1))
+    handle = module.register_forward_pre_hook(lambda m, a, k=None: runs.append(1))
     with torch.no_grad():
-        got = _corrected_outputs(block, calls.first_inputs, calls, 0, before, seen, delta)
+        got = block.corrected_outputs(before, seen.inputs, delta)
         handle.remove()
-        truth = _run_block(block, calls.first_inputs, calls, 0)
+        truth = block.run()
     assert len(got) == len(truth) == 4
     for g, t, b in zip(got, truth, before, strict=True):
         torch.testing.assert_close(g, t, rtol=1e-4, atol=1e-5)

@@ -9,15 +9,11 @@ import torch
 from conftest import make_tiny_model
 
 import lowbit
-from lowbit.allocate.sensitivity import (
-    MeasurementMismatchError,
-    Measurements,
-    measure,
-    windows_digest,
-)
+from lowbit.allocate.sensitivity import MeasurementMismatchError, Measurements, measure
+from lowbit.digests import model_digest, windows_digest
 from lowbit.formats import IntFormat
 from lowbit.models.adapters import get_adapter, quantizable_linears
-from lowbit.pipeline import GPTQSettings, model_digest
+from lowbit.recipe import GPTQSettings
 
 WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
 CANDIDATES = [IntFormat(2, 32), IntFormat(4, 32), IntFormat(8, 32)]

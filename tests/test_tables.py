@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 import lowbit
 from lowbit.errors import BudgetError
 from lowbit.formats import IntFormat
-from lowbit.pipeline import GPTQSettings
+from lowbit.recipe import GPTQSettings
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
 from lowbit.tables import find_tables, table_errors
 

@@ -6,10 +6,10 @@ import time
 
 import torch
 from common import parse_args, read_windows, write_result
+from lowbit.pipeline import GPTQSettings
 from transformers import AutoModelForCausalLM
 
 import lowbit
-from lowbit.pipeline import GPTQSettings
 from lowbit.runtime import QuantizedLinear
 
 

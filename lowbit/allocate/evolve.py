@@ -24,6 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from lowbit.allocate.planner import Allocation, starting_plans
+from lowbit.allocate.sensitivity import Measurements
 from lowbit.errors import BudgetError
 from lowbit.eval.metrics import evaluate_windows
 from lowbit.eval.reference import build_reference
@@ -221,3 +223,32 @@ def evolve(
     result.choice, result.final_kl, result.generations = best, best_kl, gen
     result.evaluations, result.seconds = evaluator.evaluations, time.perf_counter() - t0
     return result
+
+
+def refine(
+    model: nn.Module,
+    measurements: Measurements,
+    allocation: Allocation,
+    held_out: torch.Tensor,
+    weighting: str,
+    seconds: float,
+    progress: bool = True,
+) -> Refinement:
+    """Evolve `allocation` (planner.Allocation) within its own budget for `seconds`, from the
+    best-scoring of several starting plans (planner.starting_plans), on the `held_out` windows.
+    The model holds its float weights again afterwards, and the bank is released."""
+    free = list(allocation.choice)
+    evaluator = PlanEvaluator(model, {n: measurements.bank[n] for n in free}, held_out)
+    try:
+        return evolve(
+            evaluator,
+            starting_plans(measurements, allocation, weighting),
+            costs=allocation.costs,
+            proxy={n: measurements.weighted_errors(n, weighting) for n in free},
+            budget=allocation.budget_bits,
+            time_limit=seconds,
+            progress=progress,
+        )
+    finally:
+        evaluator.restore()
+        measurements.bank = None

@@ -7,15 +7,16 @@ from dataclasses import dataclass, field, replace
 
 from lowbit.allocate.baq import baq_plan
 from lowbit.allocate.knapsack import min_cost, solve_mckp
-from lowbit.allocate.sensitivity import WEIGHTINGS, Measurements, plan_formats
+from lowbit.allocate.sensitivity import Measurements, plan_formats
 from lowbit.errors import BudgetError
 from lowbit.formats import Format, format_from_dict
-
-ALLOCATORS = ("knapsack", "baq", "upgrade")
+from lowbit.recipe import ALLOCATORS, WEIGHTINGS
 
 
 @dataclass
-class Plan:
+class Allocation:
+    """The allocator's choice for the layers it planned, with the budget arithmetic behind it."""
+
     formats: dict[str, Format]  # layer -> chosen format
     budget_bpw: float
     achieved_bpw: float
@@ -27,7 +28,7 @@ class Plan:
     total_numel: int = 0  # weights the budget is spread over, pinned layers included
     costs: dict[str, list[int]] = field(default_factory=dict)  # layer -> bits of each candidate, as budgeted
 
-    def with_choice(self, measurements: Measurements, choice: dict[str, int], weighting: str) -> Plan:
+    def with_choice(self, measurements: Measurements, choice: dict[str, int], weighting: str) -> Allocation:
         """The same budget with another choice (e.g. a refined one), its figures recomputed."""
         spent = sum(self.costs[n][j] for n, j in choice.items()) + self.reserved_bits
         return replace(
@@ -37,13 +38,6 @@ class Plan:
             predicted_error=sum(measurements.weighted_errors(n, weighting)[j] for n, j in choice.items()),
             choice=dict(choice),
         )
-
-    def summary(self) -> dict[str, int]:
-        """How many layers got each format."""
-        counts: dict[str, int] = {}
-        for f in self.formats.values():
-            counts[f.name] = counts.get(f.name, 0) + 1
-        return dict(sorted(counts.items()))
 
 
 def _refuse(budget_bpw: float, floor_bits: int, total: int, pinned: bool) -> None:
@@ -79,7 +73,7 @@ def plan_for_budget(
     weighting: str = "relative",
     costs: dict[str, list[int]] | None = None,
     budget_bits: int | None = None,
-) -> Plan:
+) -> Allocation:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
     `budget_bpw`. Errors are compared across layers after `weighting`
@@ -113,7 +107,7 @@ def plan_for_budget(
         ]
         choice = baq_plan(sens, numel, levels, costs, budget)
     spent = sum(c[j] for c, j in zip(costs, choice, strict=True)) + reserved_bits
-    return Plan(
+    return Allocation(
         formats=plan_formats(measurements, dict(zip(names, choice, strict=True))),
         budget_bpw=budget_bpw,
         achieved_bpw=spent / total,
@@ -162,7 +156,7 @@ def upgrade_choice(
 
 
 def starting_plans(
-    measurements: Measurements, plan: Plan, weighting: str, uniform: int = 2
+    measurements: Measurements, plan: Allocation, weighting: str, uniform: int = 2
 ) -> dict[str, dict[str, int]]:
     """Plans for the same layers and budget that a refinement may start from, by label: `plan`
     itself, the knapsack plans under every error weighting, BAQ's, the upgrade plan, and the `uniform` dearest

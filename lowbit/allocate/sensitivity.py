@@ -1,15 +1,18 @@
 """The measurement pass: every layer solved with every candidate format, errors recorded.
 
-One forward pass per block on float inputs accumulates each layer group's Hessian; each
-candidate is then solved with GPTQ against that same Hessian (layers that share an input
-and a format are stacked into one solve). The errors, with each candidate's exact cost in
-bits, are what the allocator plans with; they are saved so a new budget for the same
-model, calibration set and candidates needs no new pass.
+A client of the block walker: one float forward per block accumulates each layer group's
+Hessian; each candidate is then solved with GPTQ against that same Hessian (layers that share
+an input and a format are stacked into one solve). The errors, with each candidate's exact
+cost in bits, are what the allocator plans with; they are saved so a new budget for the same
+model, calibration set and candidates needs no new pass, and the pass itself checkpoints after
+every block, so an interrupted one resumes to the same file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,37 +21,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lowbit.data import tokens_digest
+from lowbit.digests import model_digest, windows_digest
 from lowbit.errors import LowbitError
-from lowbit.formats import Format, IntFormat, format_from_dict
-from lowbit.models.adapters import ArchAdapter, decoder_blocks, linear_weight
-from lowbit.pipeline import (
-    GPTQSettings,
-    PipelineStats,
-    _HessianAccumulator,
-    _run_block,
-    capture_block_calls,
-    model_digest,
-)
-from lowbit.solvers.gptq import gptq_quantize, hessian_weighted_error
+from lowbit.formats import Format, format_from_dict
+from lowbit.models.adapters import ArchAdapter, linear_weight
+from lowbit.recipe import WEIGHTINGS, GPTQSettings
+from lowbit.solvers.gptq import gptq_quantize_stacked, hessian_weighted_error
+from lowbit.walker import Block, Checkpoint, HessianAccumulator, walk
 
 MEASUREMENT_VERSION = 2
-WEIGHTINGS = ("relative", "stream", "raw")
+
+logger = logging.getLogger(__name__)
 
 
 class MeasurementMismatchError(LowbitError):
     pass
-
-
-def default_candidates(symmetric: bool = False) -> list[Format]:
-    """Integer grids at 2, 3, 4, 5, 6 and 8 bits, each with groups of 32, 64 and 128."""
-    return [IntFormat(b, g, symmetric=symmetric) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
-
-
-def windows_digest(windows: torch.Tensor) -> str:
-    return tokens_digest(windows.reshape(-1))
 
 
 @dataclass
@@ -61,11 +49,13 @@ class Measurements:
     settings: dict[str, Any]
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> shape, numel, block, costs, errors
     stream: dict[str, float] = field(default_factory=dict)  # block -> median squared norm of its input
-    seconds: float = 0.0
-    bank: dict[str, dict[int, torch.Tensor]] | None = field(default=None, repr=False)  # not saved
+    # not saved: the file holds only what the inputs determine, so a resumed pass writes the same bytes
+    seconds: float | None = field(default=None, repr=False)  # of the pass that made them; None when loaded
+    bank: dict[str, dict[int, torch.Tensor]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": MEASUREMENT_VERSION, **{k: v for k, v in self.__dict__.items() if k != "bank"}}
+        skip = ("bank", "seconds")
+        return {"version": MEASUREMENT_VERSION, **{k: v for k, v in self.__dict__.items() if k not in skip}}
 
     def weighted_errors(self, name: str, weighting: str = "relative") -> list[float]:
         """A layer's candidate errors on a scale comparable across layers and depths.
@@ -98,6 +88,7 @@ class Measurements:
             raise LowbitError(f"measurement file {path} is unreadable ({exc}); delete it to measure again") from exc
         if d.pop("version", None) != MEASUREMENT_VERSION:
             raise MeasurementMismatchError(f"measurement file {path} is from another lowbit version; measure again")
+        d.pop("seconds", None)  # files from lowbit before the walker stored the pass's time
         return cls(**d)
 
     def check_matches(self, model: str, calibration: str, candidates: list[dict[str, Any]], path: str = "") -> None:
@@ -107,11 +98,97 @@ class Measurements:
             raise MeasurementMismatchError(f"the measurements{where} are of another model; measure this one again")
         if self.calibration != calibration:
             raise MeasurementMismatchError(
-                f"the measurements{where} used another calibration set (data, --nsamples or --seqlen); "
+                f"the measurements{where} used another calibration set (data, --nsamples or --calib-seqlen); "
                 "use the same calibration or measure again"
             )
         if self.candidates != candidates:
             raise MeasurementMismatchError(f"the measurements{where} cover other candidate formats; measure again")
+
+
+class _MeasurementPass:
+    """Walker client: float blocks, every wanted layer solved with every candidate."""
+
+    desc = "measuring"
+    outputs_hint = "; the float model overflows on this data: compute in float32 or check the calibration text"
+
+    def __init__(
+        self,
+        adapter: ArchAdapter,
+        layers: list[str],
+        candidates: list[Format],
+        settings: GPTQSettings,
+        result: Measurements,
+        keep_weights: bool | str,
+    ) -> None:
+        self.adapter, self.wanted, self.candidates = adapter, set(layers), candidates
+        self.settings, self.result, self.keep_weights = settings, result, keep_weights
+
+    def process(self, block: Block) -> list[torch.Tensor]:
+        groups = block.groups(self.adapter, self.wanted.__contains__)
+        accs = {group[0]: HessianAccumulator() for group in groups}
+        outputs = block.run(accs)  # the float block: the next inputs, and every Hessian
+        self.result.stream[str(block.index)] = (
+            torch.cat([x.pow(2).sum(-1).reshape(-1) for x in block.inputs]).median().item()
+        )
+        t0 = time.perf_counter()
+        for group in groups:
+            self._solve(block, group, accs[group[0]].hessian())
+        block.stats.solve += time.perf_counter() - t0
+        return outputs
+
+    def _solve(self, block: Block, group: list[str], h: torch.Tensor) -> None:
+        weights = [linear_weight(block.module.get_submodule(n)).detach().float() for n in group]
+        recs, solved = {}, {name: [] for name in group}
+        for name, w in zip(group, weights, strict=True):
+            recs[name] = {"block": block.index, "shape": list(w.shape), "numel": w.numel(), "costs": [], "errors": []}
+            recs[name]["base"] = hessian_weighted_error(w.double(), h.double())  # tr(W H Wᵀ)
+        for fmt in self.candidates:
+            parts, _ = gptq_quantize_stacked(
+                weights, h, fmt, **self.settings.solver_options(), name=", ".join(block.prefix + n for n in group)
+            )
+            for name, w, qt in zip(group, weights, parts, strict=True):
+                deq = qt.dequantize()
+                recs[name]["costs"].append(fmt.storage_bits(*w.shape))
+                recs[name]["errors"].append(hessian_weighted_error((w - deq).double(), h.double()))
+                if self.keep_weights:
+                    solved[name].append(deq.to(torch.float16))
+        for name, rec in recs.items():
+            self.result.layers[block.prefix + name] = rec
+            if self.keep_weights:
+                every = range(len(self.candidates))
+                front = every if self.keep_weights == "all" else pareto_front(rec["costs"], rec["errors"])
+                self.result.bank = self.result.bank or {}
+                self.result.bank[block.prefix + name] = {j: solved[name][j] for j in front}
+
+    def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
+        bank = self.result.bank or {}
+        return {f"{n}:{j}": w for n, ws in bank.items() if n.startswith(block.prefix) for j, w in ws.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"layers": self.result.layers, "stream": self.result.stream}
+
+    def restore(self, state: dict[str, Any], finished: list[tuple[Block, dict[str, torch.Tensor]]]) -> None:
+        self.result.layers.update(state["layers"])
+        self.result.stream.update(state["stream"])
+        for _, tensors in finished:
+            for key, w in tensors.items():
+                name, _, j = key.rpartition(":")
+                self.result.bank = self.result.bank or {}
+                self.result.bank.setdefault(name, {})[int(j)] = w
+
+
+def _pass_key(model_id: str, windows: torch.Tensor, layers, candidates, settings: GPTQSettings, keep_weights) -> str:
+    h = hashlib.sha256(model_id.encode())
+    h.update(windows.numpy().tobytes())
+    spec = {
+        "layers": list(layers),
+        "candidates": [f.to_dict() for f in candidates],
+        "solver": settings.solver_options(),
+        "batch_size": settings.batch_size,
+        "keep_weights": keep_weights,
+    }
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -124,74 +201,33 @@ def measure(
     settings: GPTQSettings | None = None,
     progress: bool = True,
     keep_weights: bool | str = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    on_block_done=None,
 ) -> Measurements:
     """Solve every layer in `layers` (full names) with every candidate; the model is not changed.
 
     With `keep_weights`, the dequantized weights (float16) of each layer's Pareto-optimal
     candidates (no other candidate both cheaper and more accurate) stay in `bank`, for
     the refinement that evaluates whole plans (allocate.evolve); "all" keeps every
-    candidate's (benchmarks compare uniform plans with it)."""
+    candidate's (benchmarks compare uniform plans with it). With `checkpoint_dir`, the pass
+    saves its state after every block there and `resume=True` continues from it."""
     settings = settings or GPTQSettings()
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    digest = model_digest(model)
     result = Measurements(
-        model=model_digest(model),
+        model=digest,
         calibration=windows_digest(windows),
         candidates=[f.to_dict() for f in candidates],
         settings=settings.solver_options(),
     )
-    wanted = set(layers)
-    blocks = decoder_blocks(model, adapter)
-    calls = capture_block_calls(model, adapter, windows, settings.batch_size)
-    inputs = calls.first_inputs
-    stats = PipelineStats()
-    for i in tqdm(range(len(blocks)), desc="measuring", disable=not progress, unit="block"):
-        block, prefix = blocks[i], f"{adapter.blocks}.{i}."
-        groups = [[n for n in g if prefix + n in wanted] for g in adapter.linear_groups]
-        groups = [g for g in groups if g]
-        accs, handles = [], []
-        for group in groups:
-            acc = _HessianAccumulator(prefix + group[0], i, stop=False, stats=stats)
-            handles.append(block.get_submodule(group[0]).register_forward_pre_hook(acc))
-            accs.append(acc)
-        try:
-            outputs = _run_block(block, inputs, calls, i)  # float block: the next inputs, and every Hessian
-            result.stream[str(i)] = torch.cat([x.pow(2).sum(-1).reshape(-1) for x in inputs]).median().item()
-        finally:
-            for handle in handles:
-                handle.remove()
-        for group, acc in zip(groups, accs, strict=True):
-            h = acc.hessian()
-            weights = [linear_weight(block.get_submodule(n)).detach().float() for n in group]
-            stacked = torch.cat(weights)
-            recs = {}
-            solved: dict[str, list[torch.Tensor]] = {name: [] for name in group}
-            for name, w in zip(group, weights, strict=True):
-                recs[name] = {"block": i, "shape": list(w.shape), "numel": w.numel(), "costs": [], "errors": []}
-                recs[name]["base"] = hessian_weighted_error(w.double(), h.double())  # tr(W H Wᵀ)
-            for fmt in candidates:
-                res = gptq_quantize(
-                    stacked,
-                    h,
-                    fmt,
-                    **settings.solver_options(),
-                    name=", ".join(prefix + n for n in group),
-                )
-                parts = res.qt.split_rows([w.shape[0] for w in weights])
-                for name, w, qt in zip(group, weights, parts, strict=True):
-                    deq = qt.dequantize()
-                    recs[name]["costs"].append(fmt.storage_bits(*w.shape))
-                    recs[name]["errors"].append(hessian_weighted_error((w - deq).double(), h.double()))
-                    if keep_weights:
-                        solved[name].append(deq.to(torch.float16))
-            for name, rec in recs.items():
-                result.layers[prefix + name] = rec
-                if keep_weights:
-                    every = range(len(candidates))
-                    front = every if keep_weights == "all" else pareto_front(rec["costs"], rec["errors"])
-                    result.bank = result.bank or {}
-                    result.bank[prefix + name] = {j: solved[name][j] for j in front}
-        inputs = outputs
-    result.seconds = time.perf_counter() - t_start
+    client = _MeasurementPass(adapter, layers, list(candidates), settings, result, keep_weights)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        key = _pass_key(digest, windows, layers, candidates, settings, keep_weights)
+        checkpoint = Checkpoint(checkpoint_dir, key)
+    walk(model, adapter, windows, client, settings.batch_size, checkpoint, resume, progress, on_block_done)
+    result.seconds = time.perf_counter() - t0
     return result
 
 
@@ -209,3 +245,48 @@ def pareto_front(costs: list[int], errors: list[float]) -> list[int]:
 def plan_formats(measurements: Measurements, choice: dict[str, int]) -> dict[str, Format]:
     """Layer name -> chosen format, from candidate indices."""
     return {name: format_from_dict(measurements.candidates[j]) for name, j in choice.items()}
+
+
+def measurements_for(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    layers: list[str],
+    candidates: list[Format],
+    windows: torch.Tensor,
+    settings: GPTQSettings,
+    path: str | os.PathLike | None = None,
+    keep_weights: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_block_done=None,
+) -> tuple[Measurements, bool]:
+    """The measurements from `path` when it holds this model's, calibration's and candidates'
+    (refused, naming the mismatch, when it holds another's); otherwise measured, and saved to
+    `path`. Returns them and whether they were reused. Every layer is measured, pinned or not,
+    so one file serves other keep rules too. `keep_weights` (the refinement's bank) is never in
+    a file, so it always measures."""
+    key = (model_digest(model), windows_digest(windows), [f.to_dict() for f in candidates])
+    path = Path(path) if path is not None else None
+    if path is not None and path.exists():
+        meas = Measurements.load(path)
+        meas.check_matches(*key, path=str(path))
+        if not keep_weights:
+            return meas, True
+        logger.warning("refinement needs every candidate's weights: measuring again (the file has errors only)")
+    meas = measure(
+        model,
+        adapter,
+        layers,
+        candidates,
+        windows,
+        settings,
+        progress,
+        keep_weights,
+        checkpoint_dir,
+        resume,
+        on_block_done,
+    )
+    if path is not None:
+        meas.save(path)
+    return meas, False

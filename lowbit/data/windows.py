@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from lowbit.data.sources import load_text
 from lowbit.errors import DataError
 
 QUICK_WINDOWS = 64
@@ -43,5 +42,19 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int = 128, seqlen: int =
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
-def tokens_digest(tokens: torch.Tensor) -> str:
-    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
+def calibration_data(
+    tokenizer, source: str | torch.Tensor = "c4", nsamples: int = 128, seqlen: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """Calibration windows [nsamples, seqlen] from a named data set or file, as protocol.md samples
+    them (ready token windows pass through)."""
+    if isinstance(source, torch.Tensor):
+        return source.long()
+    if tokenizer is None:
+        raise DataError("GPTQ needs calibration text: pass tokenizer= (with calib=...) or calib=<token windows>")
+    tokens = tokenize(tokenizer, load_text(source))
+    if tokens.numel() < nsamples * seqlen:
+        raise DataError(
+            f"calibration text {source!r} has {tokens.numel()} tokens, fewer than the {nsamples} x {seqlen} = "
+            f"{nsamples * seqlen} requested; give more text or lower --nsamples/--calib-seqlen"
+        )
+    return calibration_windows(tokens, nsamples, seqlen, seed)

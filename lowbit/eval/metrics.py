@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,14 +17,37 @@ from tqdm.auto import tqdm
 from lowbit.data import QUICK_WINDOWS, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference
+from lowbit.models import load_model, resolve_model_source
 
 PROTOCOLS = {"quick": QUICK_WINDOWS, "full": None}
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Which text, how many windows (quick: the first 64; full: all), how long, how many per forward."""
+
+    data: str = "wikitext2"
+    protocol: str = "quick"
+    seqlen: int = 512
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise LowbitError(f"unknown protocol {self.protocol!r}; use quick or full")
+        for value, flag in ((self.seqlen, "--eval-seqlen"), (self.batch_size, "--eval-batch-size")):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise LowbitError(f"{flag} must be a positive whole number, got {value!r}")
+
+    def windows(self, tokenizer) -> torch.Tensor:
+        if tokenizer is None:
+            raise LowbitError("evaluation needs the model's tokenizer (lowbit.load_model returns one)")
+        return eval_windows(tokenize(tokenizer, load_text(self.data)), self.seqlen, PROTOCOLS[self.protocol])
+
 
 def protocol_windows(tokenizer, data: str = "wikitext2", protocol: str = "quick", seqlen: int = 512):
-    if protocol not in PROTOCOLS:
-        raise LowbitError(f"unknown protocol {protocol!r}; use quick or full")
-    return eval_windows(tokenize(tokenizer, load_text(data)), seqlen, PROTOCOLS[protocol])
+    return EvalSettings(data, protocol, seqlen).windows(tokenizer)
 
 
 @torch.no_grad()
@@ -106,13 +131,40 @@ def evaluate(
     `reference` may be a float model, a ReferenceCache, or a model spec whose
     predictions are cached on disk (LOWBIT_CACHE_DIR) for later evaluations.
     """
-    if tokenizer is None:
-        raise LowbitError("evaluate needs the model's tokenizer (lowbit.load_model returns one)")
-    windows = protocol_windows(tokenizer, data, protocol, seqlen)
+    settings = EvalSettings(data, protocol, seqlen, batch_size)
+    windows = settings.windows(tokenizer)
     ref = resolve_reference(reference, windows, batch_size, progress)
-    result = evaluate_windows(model, windows, ref, batch_size, progress)
-    result.update({"data": data, "protocol": protocol})
+    return evaluate_against(model, windows, ref, settings, progress)
+
+
+def evaluate_against(
+    model: nn.Module,
+    windows: torch.Tensor,
+    reference: ReferenceCache | None,
+    settings: EvalSettings,
+    progress: bool = True,
+    desc: str = "evaluating",
+) -> dict[str, Any]:
+    """`evaluate_windows` plus what was evaluated on and, with a reference, its own perplexity."""
+    result = evaluate_windows(model, windows, reference, settings.batch_size, progress, desc)
+    result.update({"data": settings.data, "protocol": settings.protocol})
+    if reference is not None:
+        result["reference_perplexity"] = reference_perplexity(reference, windows, settings.batch_size)
     return result
+
+
+def default_reference(model: nn.Module) -> str | None:
+    """An artifact's source model, when it can still be found (else perplexity only, with a note)."""
+    manifest = getattr(model, "lowbit_manifest", None) or {}
+    source = manifest.get("source")
+    if not source:
+        return None
+    try:
+        resolve_model_source(source)
+    except LowbitError:
+        logger.warning("source model %s not found; perplexity only", source)
+        return None
+    return source
 
 
 def resolve_reference(
@@ -122,7 +174,5 @@ def resolve_reference(
         return reference
     if isinstance(reference, nn.Module):
         return build_reference(reference, windows, batch_size, progress)
-    from lowbit.models import load_model, resolve_model_source
-
     source = resolve_model_source(reference)
     return cached_reference(source.fingerprint(), windows, lambda: load_model(reference).model, batch_size, progress)

@@ -13,10 +13,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from lowbit.dtypes import DTYPES
 from lowbit.errors import FormatError
 from lowbit.formats.packing import pack_codes, unpack_codes
-
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,8 @@ class IntFormat:
                 f"group size must be a positive integer or per-channel, got {gs!r}; "
                 "use e.g. --group-size 128 or --group-size channel"
             )
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise FormatError(f"scale dtype {self.scale_dtype!r} is not supported; use one of {sorted(SCALE_DTYPES)}")
+        if self.scale_dtype not in DTYPES:
+            raise FormatError(f"scale dtype {self.scale_dtype!r} is not supported; use one of {sorted(DTYPES)}")
 
     # ---- geometry and size -------------------------------------------------
     @property
@@ -49,7 +48,7 @@ class IntFormat:
 
     @property
     def scale_bits(self) -> int:
-        return torch.finfo(SCALE_DTYPES[self.scale_dtype]).bits
+        return torch.finfo(DTYPES[self.scale_dtype]).bits
 
     def group_len(self, in_features: int) -> int:
         return in_features if self.group_size is None else min(self.group_size, in_features)
@@ -91,7 +90,7 @@ class IntFormat:
     # ---- fit / quantize / dequantize on grouped tensors ---------------------
     def _round_scale(self, scale: torch.Tensor) -> torch.Tensor:
         """Round to the stored dtype so codes are chosen against the scale that is kept."""
-        dt = SCALE_DTYPES[self.scale_dtype]
+        dt = DTYPES[self.scale_dtype]
         tiny = 2.0**-24 if dt == torch.float16 else torch.finfo(dt).tiny
         mag = scale.abs().clamp_min(tiny)
         return (torch.sign(scale) + (scale == 0)).mul(mag).to(dt).to(torch.float32)
@@ -136,7 +135,7 @@ class IntFormat:
             fmt=self,
             shape=tuple(codes.shape),
             codes=codes.round().to(torch.uint8),
-            scales=scales.to(SCALE_DTYPES[self.scale_dtype]),
+            scales=scales.to(DTYPES[self.scale_dtype]),
             zeros=None if self.symmetric else zeros.round().to(torch.uint8),
         )
 
@@ -172,7 +171,7 @@ class IntFormat:
             fmt=self,
             shape=(out, n),
             codes=torch.cat(codes_rows),
-            scales=torch.cat(scale_rows).to(SCALE_DTYPES[self.scale_dtype]),
+            scales=torch.cat(scale_rows).to(DTYPES[self.scale_dtype]),
             zeros=None if self.symmetric else torch.cat(zero_rows),
         )
 

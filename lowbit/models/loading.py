@@ -101,10 +101,6 @@ def resolve_model_source(spec: str | os.PathLike) -> ModelSource:
     return ModelSource("hub", spec)
 
 
-def _check_architecture(config) -> None:
-    get_adapter(getattr(config, "model_type", None))
-
-
 def load_model(
     spec: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
@@ -133,8 +129,25 @@ def load_model(
         raise ModelLoadError(
             f"could not load model {spec!r} {where}: {first}; check the name/path (and network access for hub ids)"
         ) from exc
-    _check_architecture(config)
+    get_adapter(getattr(config, "model_type", None))
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     model.eval()
+    model.lowbit_source = source.identity  # what an artifact made from it names as its source
     return LoadedModel(model, tokenizer, source)
+
+
+def source_identity(model: nn.Module) -> str | None:
+    """The identity of the model `model` was loaded from: lowbit.load_model stamps it; for a model
+    loaded by transformers itself, its directory or hub id when that still names a model."""
+    stamped = getattr(model, "lowbit_source", None)
+    if stamped:
+        return stamped
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    try:
+        source = resolve_model_source(name)
+    except ModelLoadError:
+        return None
+    return source.identity if source.kind in ("dir", "hub") else None

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.dtypes import DTYPES
 from lowbit.formats import Format, QuantizedTensor
-from lowbit.formats.integer import SCALE_DTYPES, dequantize_codes
+from lowbit.formats.integer import dequantize_codes
 from lowbit.formats.packing import packed_words, unpack_codes
 
 
@@ -45,7 +46,7 @@ class QuantizedLinear(nn.Module):
             "qweight",
             torch.zeros(out_features, packed_words(in_features, fmt.bits), dtype=torch.int32, **kw),
         )
-        self.register_buffer("scales", torch.zeros(out_features, ng, dtype=SCALE_DTYPES[fmt.scale_dtype], **kw))
+        self.register_buffer("scales", torch.zeros(out_features, ng, dtype=DTYPES[fmt.scale_dtype], **kw))
         if not fmt.symmetric:
             self.register_buffer(
                 "qzeros",

@@ -41,6 +41,8 @@ def inverse_hessian_factor(
     h: torch.Tensor, percdamp: float, max_percdamp: float = 1.0, name: str = "layer"
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹; λ grows tenfold until the factorization succeeds."""
+    if not 0 <= percdamp <= max_percdamp:  # also refuses NaN, which would never stop escalating
+        raise HessianError(f"damping must be a fraction from 0 to {max_percdamp:g}, got {percdamp}; e.g. --damp 0.01")
     mean_diag = torch.diag(h).mean().item() or 1.0
     damp = percdamp
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
@@ -211,3 +213,12 @@ def gptq_quantize(
         qt = refit_scales(qt, weight.to(dtype), h_orig)
         deq = qt.dequantize().to(dtype)
     return GPTQResult(qt, damp, relative_output_error(weight, deq, h_orig))
+
+
+def gptq_quantize_stacked(
+    weights: list[torch.Tensor], hessian: torch.Tensor, fmt: Format, **options
+) -> tuple[list[QuantizedTensor], GPTQResult]:
+    """Linears that read one input, in one format, solved as one stacked weight: GPTQ treats rows
+    independently, so this is exact and saves the per-column overhead; each gets its own rows back."""
+    res = gptq_quantize(torch.cat(weights), hessian, fmt, **options)
+    return res.qt.split_rows([w.shape[0] for w in weights]), res

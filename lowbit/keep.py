@@ -1,4 +1,4 @@
-"""User rules that pin layers: `--keep "lm_head,*.0.self_attn.*=8bit"`.
+"""Keep rules, which pin layers: `--keep "lm_head,*.0.self_attn.*=8bit"`.
 
 A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The

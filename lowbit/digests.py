@@ -1,0 +1,21 @@
+"""Short digests that name a model or a set of calibration windows in caches and resume states."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+def model_digest(model: nn.Module) -> str:
+    """Config plus the first few tensors (embedding, first block): cheap, and distinct per checkpoint."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    for p in list(model.parameters())[:4]:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """Token windows (any shape; the tokens in order) as 16 hex digits."""
+    return hashlib.sha256(windows.reshape(-1).numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,193 @@
+"""Applying a plan: every planned tensor replaced by its packed, quantized form, in place.
+
+Tables (embedding/head) are rounded first, so that calibration then flows through them as the
+artifact will hold them. Linears are solved by the recipe's solver: RTN one by one, GPTQ block
+by block through the walker, each block's layers calibrated on the outputs of the blocks
+(and, with true-sequential order, the layers) already quantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from lowbit.allocate.plan import Plan
+from lowbit.digests import model_digest
+from lowbit.errors import LowbitError
+from lowbit.formats import Format, format_from_dict
+from lowbit.models.adapters import ArchAdapter, linear_weight
+from lowbit.modules import set_module
+from lowbit.recipe import GPTQSettings, RTNSettings
+from lowbit.records import layer_record
+from lowbit.runtime import QuantizedLinear
+from lowbit.solvers.gptq import gptq_quantize_stacked, relative_output_error
+from lowbit.tables import Table, quantize_table
+from lowbit.walker import Block, Checkpoint, HessianAccumulator, WalkStats, walk
+
+
+@dataclass
+class Execution:
+    """Manifest records of the tensors quantized, and where a walk's time went."""
+
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: WalkStats | None = None
+
+
+@torch.no_grad()
+def execute(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    plan: Plan,
+    solver: GPTQSettings | RTNSettings,
+    tables: list[Table] = (),
+    windows: torch.Tensor | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_block_done=None,
+) -> Execution:
+    """Quantize what `plan` names; GPTQ needs the calibration `windows`, and with
+    `checkpoint_dir` resumes an interrupted run (`resume=True`) from the state kept there."""
+    result = Execution()
+    for table in tables:
+        fmt = plan.formats.get(table.name)
+        if fmt is not None:
+            result.layers[table.name] = quantize_table(model, table, fmt)
+    table_names = {t.name for t in tables}
+    linears = {n: f for n, f in plan.quantized.items() if n not in table_names}
+    if isinstance(solver, RTNSettings):
+        _execute_rtn(model, linears, solver, result, progress)
+        return result
+    if windows is None:
+        raise LowbitError("GPTQ needs calibration windows")
+    client = GPTQExecution(adapter, linears, solver)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(model, windows, linears, solver))
+    result.stats = walk(model, adapter, windows, client, solver.batch_size, checkpoint, resume, progress, on_block_done)
+    result.layers.update(client.layers)
+    return result
+
+
+def _execute_rtn(
+    model: nn.Module, plan: dict[str, Format], solver: RTNSettings, result: Execution, progress: bool
+) -> None:
+    for name, fmt in tqdm(plan.items(), desc="quantizing (rtn)", disable=not progress):
+        module = model.get_submodule(name)
+        w = linear_weight(module).detach().float()
+        qt = fmt.quantize_tensor(w, clip_search=solver.clip_search)
+        err = ((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
+        set_module(model, name, QuantizedLinear.from_quantized(qt, module.bias))
+        result.layers[name] = layer_record(fmt, qt.shape, weight_rel_mse=err)
+
+
+def _checkpoint_key(model: nn.Module, windows: torch.Tensor, plan: dict[str, Format], settings: GPTQSettings) -> str:
+    """A digest of everything that determines the result: config, weights, calibration, plan, settings."""
+    h = hashlib.sha256(model_digest(model).encode())
+    h.update(windows.numpy().tobytes())
+    h.update(json.dumps({k: v.to_dict() for k, v in plan.items()}, sort_keys=True).encode())
+    h.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class GPTQExecution:
+    """Walker client: each block's planned linears solved by GPTQ and replaced by QuantizedLinear.
+
+    With true-sequential order (the default) the block runs once per group of linears that
+    share an input: q/k/v, then o_proj on the outputs of the quantized q/k/v, then the MLP. The
+    last stage's pass runs to the block's end, and its outputs, corrected for the last linear's
+    change, are the next block's inputs (saves a pass; Block.corrected_outputs checks it holds)."""
+
+    desc = "GPTQ blocks"
+    outputs_hint = " after quantization; try more bits, a larger damping (--damp) or float32 compute"
+
+    def __init__(self, adapter: ArchAdapter, plan: dict[str, Format], settings: GPTQSettings) -> None:
+        self.adapter, self.plan, self.settings = adapter, plan, settings
+        self.layers: dict[str, dict[str, Any]] = {}
+
+    def process(self, block: Block) -> list[torch.Tensor]:
+        groups = block.groups(self.adapter, self.plan.__contains__)
+        stages = [[g] for g in groups] if self.settings.true_sequential else [groups]
+        pending: dict[str, nn.Module] = {}  # quantized layers, installed once the block's passes are done
+        outputs = None
+        for k, stage in enumerate(stages):
+            correct = self.settings.reuse_last_stage and k == len(stages) - 1 and len(stage) == 1 and len(stage[0]) == 1
+            accs = {group[0]: HessianAccumulator(keep_inputs=correct) for group in stage}
+            float_outputs = block.run(accs, stop_after=None if correct else stage[-1][0])
+            t0 = time.perf_counter()
+            last = block.module.get_submodule(stage[0][0])
+            old_weight = linear_weight(last).detach().clone() if correct else None
+            for group in stage:
+                acc = accs[group[0]]
+                if not acc.called:
+                    raise LowbitError(
+                        f"{block.prefix + group[0]} was never called during calibration; its adapter is wrong"
+                    )
+                self._solve_group(block, group, acc.hessian(), pending)
+            block.stats.solve += time.perf_counter() - t0
+            if correct:
+                delta = linear_weight(last).detach() - old_weight
+                outputs = block.corrected_outputs(float_outputs, accs[stage[0][0]].inputs, delta)
+        if outputs is None:
+            outputs = block.run()
+        for name, layer in pending.items():
+            set_module(block.module, name, layer)
+        errs = [self.layers[block.prefix + n]["output_error"] for g in groups for n in g]
+        block.postfix["max_err"] = f"{max(errs):.4f}" if errs else "-"
+        return outputs
+
+    def _solve_group(self, block: Block, group: list[str], hessian: torch.Tensor, pending: dict) -> None:
+        """Solve the linears that share `hessian`, those with one format stacked into one solve.
+
+        The float module keeps working with the dequantized weight written into it until the
+        block is finished (no unpacking on every calibration batch); its quantized replacement
+        waits in `pending`."""
+        by_format: dict[str, list[str]] = {}
+        for name in group:
+            by_format.setdefault(json.dumps(self.plan[block.prefix + name].to_dict(), sort_keys=True), []).append(name)
+        for names in by_format.values():
+            fmt = self.plan[block.prefix + names[0]]
+            mods = [block.module.get_submodule(n) for n in names]
+            weights = [linear_weight(m).detach().float() for m in mods]
+            parts, res = gptq_quantize_stacked(
+                weights, hessian, fmt, **self.settings.solver_options(), name=", ".join(block.prefix + n for n in names)
+            )
+            for name, mod, w, qt in zip(names, mods, weights, parts, strict=True):
+                deq = qt.dequantize()
+                pending[name] = QuantizedLinear.from_quantized(qt, mod.bias)
+                mod.weight.data = (deq.t() if isinstance(mod, Conv1D) else deq).to(mod.weight.dtype).contiguous()
+                err = relative_output_error(w, deq, hessian)
+                self.layers[block.prefix + name] = layer_record(fmt, qt.shape, output_error=err, damp=res.damp)
+
+    def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{k}": v
+            for name, mod in block.module.named_modules()
+            if isinstance(mod, QuantizedLinear)
+            for k, v in mod.state_dict().items()
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    def restore(self, state: dict[str, Any], finished: list[tuple[Block, dict[str, torch.Tensor]]]) -> None:
+        """Put the saved quantized linears of the finished blocks back in place."""
+        self.layers.update(state["layers"])
+        for block, tensors in finished:
+            for full, rec in state["layers"].items():
+                if not full.startswith(block.prefix):
+                    continue
+                rel = full[len(block.prefix) :]
+                out, n = rec["shape"]
+                layer = QuantizedLinear(n, out, format_from_dict(rec["format"]), bias=f"{rel}.bias" in tensors)
+                layer.load_state_dict({k[len(rel) + 1 :]: v for k, v in tensors.items() if k.startswith(rel + ".")})
+                set_module(block.module, rel, layer)

@@ -1,0 +1,256 @@
+"""What the user asked for, as one frozen, validated value.
+
+The command line and the Python API both build a `Recipe`; everything it holds is checked
+here, once, before any slow work starts. A recipe says how each layer's codes are chosen
+(the solver and its settings), what to aim for (one format everywhere, or a budget in bits
+per weight or bytes), on what calibration data, and which layers the user pins. How the
+model's layers then get their formats is the plan's business (lowbit.allocate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+
+from lowbit.dtypes import dtype_named
+from lowbit.errors import BudgetError, LowbitError
+from lowbit.formats import Format, IntFormat
+from lowbit.keep import KeepRule, parse_rules
+
+ALLOCATORS = ("upgrade", "knapsack", "baq")
+WEIGHTINGS = ("relative", "stream", "raw")
+BUDGET_BPW_RANGE = (2.0, 8.0)
+
+
+def default_candidates(symmetric: bool = False, scale_dtype: str = "float16") -> tuple[Format, ...]:
+    """Integer grids at 2, 3, 4, 5, 6 and 8 bits, each with groups of 32, 64 and 128."""
+    return tuple(IntFormat(b, g, symmetric, scale_dtype) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
+
+
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LowbitError(f"{what} must be a positive whole number, got {value!r}")
+
+
+def _finite(value: Any, what: str, low: float, high: float, example: str) -> None:
+    try:
+        ok = math.isfinite(value) and low <= value <= high
+    except TypeError:
+        ok = False
+    if not ok:
+        raise LowbitError(f"{what} must be a number from {low:g} to {high:g}, got {value!r}; e.g. {example}")
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """Solver and pass options of GPTQ (all of them change the result)."""
+
+    method: ClassVar[str] = "gptq"
+
+    percdamp: float = 0.01  # damping as a fraction of mean diag(H)
+    block_size: int = 128  # columns per lazy update block
+    act_order: bool = True  # columns by decreasing diag(H), static groups (much better on smollm2-135m)
+    true_sequential: bool = True  # attention inputs, then o_proj, then MLP: each sees the earlier quantized
+    batch_size: int = 8  # calibration windows per block forward
+    clip_search: bool = True  # group ranges by a diag(H)-weighted search (solvers.gptq.fit_clipped)
+    scale_refit: bool = True  # least-squares scales for the final codes (solvers.gptq.refit_scales)
+    # next block's inputs from the last stage's pass plus a linear correction, not a further pass;
+    # keeps the last linear's inputs in memory (e.g. 4 bytes x intermediate size x calibration tokens)
+    reuse_last_stage: bool = True
+
+    def __post_init__(self) -> None:
+        _finite(self.percdamp, "the damping (--damp)", 0.0, 1.0, "--damp 0.01")
+        _positive_int(self.batch_size, "the calibration batch size (--calib-batch-size)")
+        _positive_int(self.block_size, "the GPTQ block size")
+
+    def solver_options(self) -> dict[str, Any]:
+        """Keyword arguments of solvers.gptq_quantize."""
+        return {
+            "block_size": self.block_size,
+            "percdamp": self.percdamp,
+            "act_order": self.act_order,
+            "clip_search": self.clip_search,
+            "scale_refit": self.scale_refit,
+        }
+
+
+@dataclass(frozen=True)
+class RTNSettings:
+    """Round to nearest: no data; optionally a per-group range search on squared error."""
+
+    method: ClassVar[str] = "rtn"
+
+    clip_search: bool = False
+
+
+SOLVERS: dict[str, type] = {s.method: s for s in (GPTQSettings, RTNSettings)}
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """Calibration windows: a named data set or text file sampled as protocol.md says, or ready
+    token windows [nsamples, seqlen] (then nsamples and seqlen are theirs)."""
+
+    source: str | torch.Tensor = "c4"
+    nsamples: int = 128
+    seqlen: int = 512
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, torch.Tensor):
+            if self.source.dim() != 2 or self.source.numel() == 0:
+                raise LowbitError("calibration token windows must be a non-empty [windows, tokens] tensor")
+            object.__setattr__(self, "nsamples", int(self.source.shape[0]))
+            object.__setattr__(self, "seqlen", int(self.source.shape[1]))
+        _positive_int(self.nsamples, "the number of calibration windows (--nsamples)")
+        _positive_int(self.seqlen, "the calibration window length (--calib-seqlen)")
+
+    @property
+    def name(self) -> str:
+        return "token windows" if isinstance(self.source, torch.Tensor) else str(self.source)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Mixed precision: an average in bits per weight over the quantized linears (`bpw`), or the
+    bytes of the whole weights file (`size_bytes`), met by giving each layer its own format
+    from `candidates`."""
+
+    bpw: float | None = None
+    size_bytes: int | None = None
+    candidates: tuple[Format, ...] = field(default_factory=default_candidates)
+    allocator: str = "upgrade"
+    weighting: str = "relative"
+    refine_seconds: float = 0.0  # > 0: then search plans by measured KL for this long (allocate.evolve)
+    refine_windows: int = 4
+
+    def __post_init__(self) -> None:
+        if (self.bpw is None) == (self.size_bytes is None):
+            raise LowbitError("give a bit budget (--bits/--bpw) or a size (--size), not both")
+        if self.bpw is not None:
+            _finite(self.bpw, "a bit budget (--bits/--bpw)", *BUDGET_BPW_RANGE, "--bits 3.25")
+        if self.size_bytes is not None:
+            _positive_int(self.size_bytes, "a size budget (--size) in bytes")
+        if not self.candidates:
+            raise BudgetError("a budget needs at least one candidate format")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if self.allocator not in ALLOCATORS:
+            raise BudgetError(f"unknown allocator {self.allocator!r}; use one of {', '.join(ALLOCATORS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise LowbitError(f"unknown error weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        _finite(self.refine_seconds, "the refinement time (--refine, seconds)", 0.0, 1e9, "--refine 300")
+        _positive_int(self.refine_windows, "the refinement windows (--refine-windows)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["candidates"] = [f.to_dict() for f in self.candidates]
+        return d
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe:
+    """One quantization request. `format` is the uniform format (None under a `budget`)."""
+
+    solver: GPTQSettings | RTNSettings = field(default_factory=GPTQSettings)
+    format: Format | None = IntFormat(4, 128)
+    budget: Budget | None = None
+    keep: tuple[KeepRule, ...] = ()
+    calibration: Calibration = field(default_factory=Calibration)
+    storage_dtype: str = "float16"  # unquantized tensors (norms, embeddings kept in float, biases)
+
+    def __post_init__(self) -> None:
+        if type(self.solver) not in SOLVERS.values():
+            raise LowbitError(f"unknown solver settings {self.solver!r}; use GPTQSettings or RTNSettings")
+        if (self.format is None) == (self.budget is None):
+            raise LowbitError("a recipe has one format for every layer or a budget, not both and not neither")
+        if self.budget is not None and self.method != "gptq":
+            raise LowbitError("a budget needs --method gptq (the measurement pass solves every candidate with it)")
+        dtype_named(self.storage_dtype, "storage dtype (--storage-dtype)")
+        object.__setattr__(self, "keep", tuple(self.keep))
+
+    @property
+    def method(self) -> str:
+        return self.solver.method
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+    @classmethod
+    def build(
+        cls,
+        bits: int = 4,
+        group_size: int | None = 128,
+        symmetric: bool = False,
+        method: str = "gptq",
+        *,
+        clip_search: bool | None = None,
+        scale_dtype: str = "float16",
+        storage_dtype: str = "float16",
+        calib: str | torch.Tensor = "c4",
+        nsamples: int = 128,
+        seqlen: int = 512,
+        gptq: GPTQSettings | None = None,
+        budget_bpw: float | None = None,
+        size_bytes: int | None = None,
+        candidates: list[Format] | tuple[Format, ...] | None = None,
+        allocator: str = "upgrade",
+        weighting: str = "relative",
+        refine_seconds: float = 0.0,
+        refine_windows: int = 4,
+        keep: str | list[KeepRule] | tuple[KeepRule, ...] | None = None,
+    ) -> Recipe:
+        """A recipe from the flat options the command line and `lowbit.quantize` take.
+
+        `clip_search` (default: on for GPTQ, off for RTN) sets the range search of whichever
+        solver runs. With `budget_bpw` or `size_bytes`, `bits` is not used; `group_size`,
+        `symmetric` and `scale_dtype` still shape the default candidates and keep rules."""
+        if method not in SOLVERS:
+            raise LowbitError(f"unknown method {method!r}; available: {', '.join(SOLVERS)}")
+        if method == "gptq":
+            solver: GPTQSettings | RTNSettings = gptq or GPTQSettings()
+            if clip_search is not None:
+                solver = replace(solver, clip_search=clip_search)
+        else:
+            if gptq is not None:
+                raise LowbitError("GPTQ settings were given for --method rtn; drop them or use --method gptq")
+            solver = RTNSettings(clip_search=bool(clip_search))
+        budget = None
+        if budget_bpw is not None or size_bytes is not None:
+            budget = Budget(
+                bpw=budget_bpw,
+                size_bytes=size_bytes,
+                candidates=tuple(candidates) if candidates else default_candidates(symmetric, scale_dtype),
+                allocator=allocator,
+                weighting=weighting,
+                refine_seconds=refine_seconds,
+                refine_windows=refine_windows,
+            )
+        fmt = None if budget is not None else IntFormat(bits, group_size, symmetric, scale_dtype)
+        if budget is not None:  # still refuse what would be refused without the budget
+            IntFormat(4, group_size, symmetric, scale_dtype)
+        rules = keep if isinstance(keep, (list, tuple)) else parse_rules(keep, group_size, symmetric)
+        return cls(
+            solver=solver,
+            format=fmt,
+            budget=budget,
+            keep=tuple(rules),
+            calibration=Calibration(calib, nsamples, seqlen),
+            storage_dtype=storage_dtype,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The manifest's `settings`: what was asked, in the keys `lowbit inspect` reads."""
+        out: dict[str, Any] = {"format": None if self.format is None else self.format.to_dict()}
+        if isinstance(self.solver, RTNSettings):
+            out["clip_search"] = self.solver.clip_search
+        if self.keep:
+            out["keep"] = [{"pattern": r.pattern, "format": r.fmt.to_dict() if r.fmt else None} for r in self.keep]
+        if isinstance(self.solver, GPTQSettings):
+            out["gptq"] = asdict(self.solver)
+            out["calibration"] = self.calibration.name
+            out["nsamples"] = self.calibration.nsamples
+            out["seqlen"] = self.calibration.seqlen
+        return out
