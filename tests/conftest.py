@@ -45,9 +45,12 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def make_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def make_tiny_model(arch: str, seed: int = 0, layers: int | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(arch, **TINY_CONFIGS[arch])
+    options = dict(TINY_CONFIGS[arch])
+    if layers is not None:
+        options["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
+    config = AutoConfig.for_model(arch, **options)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random init is too smooth to exercise grids; widen the weights
         for p in model.parameters():

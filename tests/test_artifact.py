@@ -1,8 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_model
+from safetensors.torch import load_file
 
 import lowbit
 from lowbit.artifact import MANIFEST, WEIGHTS, read_manifest
@@ -136,3 +138,43 @@ def test_nan_weight_is_named(tmp_path):
     model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("inf")
     with pytest.raises(LowbitError, match="up_proj.weight contains NaN or Inf"):
         lowbit.quantize(model, bits=4, method="rtn", progress=False)
+
+
+def test_an_artifact_made_through_the_api_names_its_source_and_evaluates_against_it(
+    capsys, tmp_path, tiny_model_dir, text_file
+):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.cli import main
+
+    loaded = lowbit.load_model(tiny_model_dir)
+    q = lowbit.quantize(loaded.model, bits=4, method="rtn", progress=False)
+    out = lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    source = str(tiny_model_dir.resolve())
+    assert read_manifest(out)["source"] == source
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # not through lowbit: its path still names it
+    assert lowbit.quantize(plain, bits=4, method="rtn", progress=False).lowbit_info.source == source
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(text_file), "--eval-seqlen", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == source and result["kld"] > 0 and result["reference_perplexity"] > 1
+
+
+OLD = Path(__file__).parent / "data" / "lowbit-0.1.0"
+
+
+@pytest.mark.parametrize("name", ["llama-rtn-int4", "gpt2-size-budget"])
+def test_artifacts_written_by_lowbit_0_1_still_load_to_the_same_logits(capsys, name):
+    from lowbit.cli import main
+
+    expected = load_file(OLD / "logits.safetensors")
+    model = lowbit.load(OLD / name)
+    with torch.no_grad():
+        assert torch.equal(model(expected["probe"]).logits, expected[name])
+    layers = lowbit.quantized_layers(OLD / name)
+    assert [x.name for x in layers] == list(read_manifest(OLD / name)["layers"])
+    capsys.readouterr()
+    assert main(["inspect", str(OLD / name)]) == 0
+    shown = capsys.readouterr().out
+    if name == "gpt2-size-budget":
+        assert "embedding/head: transformer.wte int2-g32-asym" in shown and "plan         budget" in shown

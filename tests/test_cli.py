@@ -277,3 +277,32 @@ def test_size_budget_from_the_command_line(capsys, tmp_path, tiny_model_dir, tex
     assert code == 0 and re.search(r"embedding/head: \S+ int\d-g\d+-asym", stdout)
     code, stdout, _ = run(capsys, "inspect", tmp_path / "o")
     assert code == 0 and "embedding/head:" in stdout
+
+
+def test_a_budget_run_interrupted_while_measuring_resumes_to_the_same_files(
+    capsys, tmp_path, tiny_model_dir, text_file, monkeypatch
+):
+    from lowbit.job import resume_dir
+    from lowbit.walker import Checkpoint
+
+    common = ["quantize", tiny_model_dir, "--bits", "3.5", "--calib", text_file, "--nsamples", "4", "--seqlen", "32"]
+    common += ["--calib-batch-size", "2"]
+    assert run(capsys, *common, "--measurements", tmp_path / "m-ref.json", "--out", tmp_path / "ref")[0] == 0
+
+    real = Checkpoint.save
+
+    def interrupted(self, index, *args, **kw):
+        real(self, index, *args, **kw)
+        if self.path.name == "measure" and index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", interrupted)
+    out, meas = tmp_path / "q", tmp_path / "m.json"
+    code, _, err = run(capsys, *common, "--measurements", meas, "--out", out)
+    assert code == 130 and "rerun with --resume" in err and not out.exists() and not meas.exists()
+    assert (resume_dir(out) / "measure" / "state.json").is_file()
+    monkeypatch.setattr(Checkpoint, "save", real)
+    assert run(capsys, *common, "--measurements", meas, "--out", out, "--resume")[0] == 0
+    assert meas.read_bytes() == (tmp_path / "m-ref.json").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert not resume_dir(out).exists()

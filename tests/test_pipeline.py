@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, make_tiny_model
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
 from lowbit.cli import main
@@ -79,14 +78,7 @@ def test_true_sequential_and_act_order_run_and_differ():
 
 
 def _deep_model(arch: str = "llama", layers: int = 4):
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(arch, **{**TINY_CONFIGS[arch], "num_hidden_layers": layers})
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    return model
+    return make_tiny_model(arch, layers=layers)
 
 
 class _Crash(Exception):

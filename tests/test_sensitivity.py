@@ -11,6 +11,7 @@ from conftest import make_tiny_model
 import lowbit
 from lowbit.allocate.sensitivity import MeasurementMismatchError, Measurements, measure
 from lowbit.digests import model_digest, windows_digest
+from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat
 from lowbit.models.adapters import get_adapter, quantizable_linears
 from lowbit.recipe import GPTQSettings
@@ -69,3 +70,38 @@ def test_measurements_round_trip_and_refuse_other_inputs(tmp_path):
         again.check_matches(model_digest(model), windows_digest(WINDOWS[:4]), cands)
     with pytest.raises(MeasurementMismatchError, match="other candidate formats"):
         again.check_matches(model_digest(model), windows_digest(WINDOWS), cands[:2])
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("keep_weights", [False, True])
+def test_a_resumed_measurement_pass_writes_the_same_file(tmp_path, keep_weights):
+    model = make_tiny_model("llama", layers=4)
+    adapter = get_adapter("llama")
+    names = [n for n, _ in quantizable_linears(model, adapter)]
+    args = (model, adapter, names, CANDIDATES, WINDOWS, SETTINGS)
+    full = measure(*args, progress=False, keep_weights=keep_weights)
+    full.save(tmp_path / "full.json")
+
+    def crash_after_1(i: int) -> None:
+        if i == 1:
+            raise _Crash
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Crash):
+        measure(*args, progress=False, keep_weights=keep_weights, checkpoint_dir=ckpt, on_block_done=crash_after_1)
+    finished = model.model.layers[1]  # (the capture runs block 0 once, to learn how it returns)
+    calls = []
+    handle = finished.register_forward_pre_hook(lambda *_: calls.append(1))
+    resumed = measure(*args, progress=False, keep_weights=keep_weights, checkpoint_dir=ckpt, resume=True)
+    handle.remove()
+    assert calls == []  # the finished blocks were not run again
+    resumed.save(tmp_path / "resumed.json")
+    assert (tmp_path / "resumed.json").read_bytes() == (tmp_path / "full.json").read_bytes()
+    if keep_weights:
+        assert resumed.bank.keys() == full.bank.keys()
+        assert all(torch.equal(resumed.bank[n][j], w) for n, ws in full.bank.items() for j, w in ws.items())
+    with pytest.raises(LowbitError, match="another model, calibration set or settings"):
+        measure(*args[:3], CANDIDATES[:2], WINDOWS, SETTINGS, progress=False, checkpoint_dir=ckpt, resume=True)
