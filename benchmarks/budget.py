@@ -32,17 +32,18 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
 from foundation import MODEL  # noqa: E402
-from lowbit.pipeline import GPTQSettings  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.allocate import plan_for_budget  # noqa: E402
 from lowbit.allocate.evolve import PlanEvaluator, evolve  # noqa: E402
 from lowbit.allocate.planner import starting_plans  # noqa: E402
-from lowbit.allocate.sensitivity import default_candidates, measure, pareto_front  # noqa: E402
+from lowbit.allocate.sensitivity import measure, pareto_front  # noqa: E402
+from lowbit.data import calibration_data  # noqa: E402
 from lowbit.eval import evaluate_windows, protocol_windows  # noqa: E402
 from lowbit.eval.reference import cached_reference  # noqa: E402
 from lowbit.models.adapters import get_adapter, quantizable_linears  # noqa: E402
-from lowbit.quantize import calibration_data, round_parameters  # noqa: E402
+from lowbit.quantize import round_parameters  # noqa: E402
+from lowbit.recipe import GPTQSettings, default_candidates  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "budget.json"
 BUDGETS = [2.5, 3.0, 3.5, 4.25]
@@ -65,7 +66,7 @@ def main() -> None:
         round_parameters(model, torch.float16)
     adapter = get_adapter(model.config.model_type)
     names = [n for n, _ in quantizable_linears(model, adapter)]
-    cands = default_candidates()
+    cands = list(default_candidates())
     windows = calibration_data(tok, "c4", args.nsamples, 512)
     held_out = calibration_data(tok, "c4", 4, 512, seed=1)
     eval_windows = protocol_windows(tok, "wikitext2", "quick", 512)

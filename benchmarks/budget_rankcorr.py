@@ -16,7 +16,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from lowbit.allocate import Measurements, plan_for_budget
-from lowbit.allocate.sensitivity import WEIGHTINGS, default_candidates
+from lowbit.recipe import WEIGHTINGS, default_candidates
 
 RESULTS = Path(__file__).parent / "results" / "budget.json"
 

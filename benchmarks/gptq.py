@@ -29,7 +29,7 @@ def forward_floor(nsamples: int, seqlen: int, batch: int) -> float:
     """Seconds for one no-grad forward of the calibration windows through the decoder."""
     code = f"""
 import time, torch, lowbit
-from lowbit.quantize import calibration_data
+from lowbit.data import calibration_data
 loaded = lowbit.load_model({MODEL!r})
 w = calibration_data(loaded.tokenizer, "c4", {nsamples}, {seqlen})
 base = loaded.model.get_decoder()

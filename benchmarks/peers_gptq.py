@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from foundation import MODEL, timed  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.data import calibration_data  # noqa: E402
 from lowbit.eval import evaluate_windows, protocol_windows  # noqa: E402
 from lowbit.eval.reference import cached_reference  # noqa: E402
 from lowbit.formats import IntFormat  # noqa: E402
-from lowbit.quantize import calibration_data  # noqa: E402
 
 PEERS = Path(__file__).parent / "peers"
 RESULTS = Path(__file__).parent / "results" / "peers_gptq.json"

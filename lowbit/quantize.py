@@ -59,6 +59,8 @@ def quantize(
     storage dtype first, so that calibration sees them exactly as the artifact will hold them."""
     if recipe is None:
         recipe = Recipe.build(**options)
+    elif not isinstance(recipe, Recipe):
+        raise LowbitError(f"quantize's second argument is a Recipe, not {recipe!r}; pass options by name: bits=4")
     elif options:
         raise LowbitError(f"give a recipe or options ({', '.join(options)}), not both")
     t0 = time.perf_counter()

@@ -6,10 +6,10 @@ import time
 
 import torch
 from common import parse_args, read_windows, write_result
-from lowbit.pipeline import GPTQSettings
 from transformers import AutoModelForCausalLM
 
 import lowbit
+from lowbit.recipe import GPTQSettings
 from lowbit.runtime import QuantizedLinear
 
 
@@ -19,7 +19,8 @@ def main() -> None:
     windows = read_windows(args)
     t0 = time.perf_counter()
     settings = GPTQSettings(percdamp=args.damp, act_order=args.act_order)
-    lowbit.quantize(model, args.bits, args.group_size, args.sym, calib=windows, gptq=settings, progress=False)
+    kw = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.sym, "gptq": settings}
+    lowbit.quantize(model, calib=windows, progress=False, **kw)
     seconds = time.perf_counter() - t0
     weights = {n: m.dequantized_weight() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     meta = {"tool": "lowbit", "version": lowbit.__version__, "quantize_seconds": seconds, "config": vars(args)}
