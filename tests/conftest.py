@@ -10,10 +10,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the data sets: where LOWBIT_DATA_DIR points, else ../shared/data beside the checkout
+SHARED_DATA = (
+    Path(os.environ.get("LOWBIT_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data").expanduser().resolve()
+)
 VOCAB = 256
 if SHARED_DATA.is_dir():  # module-scoped fixtures need it too, so set it at import
-    os.environ.setdefault("LOWBIT_DATA_DIR", str(SHARED_DATA))
+    os.environ["LOWBIT_DATA_DIR"] = str(SHARED_DATA)
 
 _COMMON = {"vocab_size": VOCAB, "num_hidden_layers": 2, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
 _LLAMA_LIKE = {

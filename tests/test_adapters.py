@@ -72,9 +72,10 @@ def test_quantize_each_family_8bit_is_close_and_4bit_is_not_identical(arch):
         assert (deq - w).abs().max() < 0.004
     with torch.no_grad():
         q8 = model(x).logits
-    # 8-bit codes plus 16-bit storage of the rest: logits within 2% of their spread
-    assert (q8 - ref).abs().max() < 0.02 * ref.std() * 10
-    assert torch.allclose(q8.softmax(-1), ref.softmax(-1), atol=5e-3)
+    # 8-bit codes plus 16-bit storage of the rest: the largest logit error stays under 10 % of the
+    # logits' spread (measured 2-7 % across these families), probabilities within 2e-3 (measured <= 1e-3)
+    assert (q8 - ref).abs().max() < 0.10 * ref.std()
+    assert torch.allclose(q8.softmax(-1), ref.softmax(-1), rtol=0, atol=2e-3)
 
 
 def test_unsupported_architecture_lists_supported():

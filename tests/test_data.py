@@ -7,7 +7,9 @@ from conftest import SHARED_DATA
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import DataError
 
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+needs_shared = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="no data sets: set LOWBIT_DATA_DIR (e.g. ../shared/data)"
+)
 
 
 @needs_shared

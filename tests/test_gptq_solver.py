@@ -86,12 +86,23 @@ def test_act_order_uses_static_groups_in_original_layout():
     assert _output_error(w, res.qt.dequantize(), x) < _output_error(w, rtn, x)
 
 
-def test_dead_inputs_are_zeroed_and_ignored():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_inputs_are_zeroed_and_ignored(act_order):
+    """An input that is always zero has no effect on the output: its weights are stored as zero,
+    and whatever they were, every other code comes out the same."""
     w, x, h = _layer(seed=4)
     x[:, 5] = 0
     h = 2 * x.T @ x / x.shape[0]
-    res = gptq_quantize(w, h, IntFormat(4, 32))
-    assert torch.isfinite(res.qt.dequantize()).all()
+    fmt = IntFormat(4, 32)
+    res = gptq_quantize(w, h, fmt, act_order=act_order)
+    other = w.clone()
+    other[:, 5] = 100 * torch.randn(w.shape[0], generator=torch.Generator().manual_seed(1))
+    again = gptq_quantize(other, h, fmt, act_order=act_order)
+    assert torch.equal(res.qt.dequantize()[:, 5], torch.zeros(w.shape[0]))
+    keep = torch.arange(w.shape[1]) != 5
+    assert torch.equal(res.qt.codes[:, keep], again.qt.codes[:, keep])
+    assert torch.equal(res.qt.scales, again.qt.scales)
+    assert _output_error(w, res.qt.dequantize(), x) < _output_error(w, fmt.quantize_tensor(w).dequantize(), x)
 
 
 def test_damping_is_raised_when_cholesky_fails():
@@ -134,3 +145,10 @@ def test_scale_refit_recovers_the_scales_that_produced_the_weight():
     back = refit_scales(off, target, h)
     torch.testing.assert_close(back.scales.float(), qt.scales.float(), rtol=2e-3, atol=0)
     torch.testing.assert_close(back.dequantize(), target, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("damp", [float("nan"), -0.1, 2.0])
+def test_a_damping_that_is_not_a_fraction_is_refused_not_looped_on(damp):
+    w, _, h = _layer(n=32)
+    with pytest.raises(HessianError, match=r"damping must be a fraction from 0 to 1, got"):
+        gptq_quantize(w, h, IntFormat(4, 32), percdamp=damp)

