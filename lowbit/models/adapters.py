@@ -84,10 +84,6 @@ def decoder_blocks(model: nn.Module, adapter: ArchAdapter) -> nn.ModuleList:
     return model.get_submodule(adapter.blocks)
 
 
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
 def linear_weight(module: nn.Module):
     """The weight as [out, in], whichever layout the module stores."""
     if isinstance(module, Conv1D):  # GPT-2 stores [in, out]
