@@ -113,7 +113,7 @@ def _plan(model, adapter, recipe: Recipe, targets: Targets, windows, tokenizer, 
     if budget is None:
         return allocate(model, recipe, targets)
     refine = budget.refine_seconds > 0
-    if path is None and work is not None:  # a resumed run need not measure again
+    if path is None and work is not None and not refine:  # a resumed run need not measure again
         path = work / "measurements.json"
     meas, reused = measurements_for(
         model,

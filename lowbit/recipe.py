@@ -151,10 +151,11 @@ class Budget:
 
 @dataclass(frozen=True, eq=False)
 class Recipe:
-    """One quantization request. `format` is the uniform format (None under a `budget`)."""
+    """One quantization request: one `format` for every layer, or a `budget` that the allocator
+    meets with a format per layer."""
 
     solver: GPTQSettings | RTNSettings = field(default_factory=GPTQSettings)
-    format: Format | None = IntFormat(4, 128)
+    format: Format | None = None  # without a budget, None means int4 g128 asymmetric
     budget: Budget | None = None
     keep: tuple[KeepRule, ...] = ()
     calibration: Calibration = field(default_factory=Calibration)
@@ -163,8 +164,10 @@ class Recipe:
     def __post_init__(self) -> None:
         if type(self.solver) not in SOLVERS.values():
             raise LowbitError(f"unknown solver settings {self.solver!r}; use GPTQSettings or RTNSettings")
-        if (self.format is None) == (self.budget is None):
-            raise LowbitError("a recipe has one format for every layer or a budget, not both and not neither")
+        if self.format is not None and self.budget is not None:
+            raise LowbitError("a recipe has one format for every layer or a budget, not both")
+        if self.format is None and self.budget is None:
+            object.__setattr__(self, "format", IntFormat(4, 128))
         if self.budget is not None and self.method != "gptq":
             raise LowbitError("a budget needs --method gptq (the measurement pass solves every candidate with it)")
         dtype_named(self.storage_dtype, "storage dtype (--storage-dtype)")

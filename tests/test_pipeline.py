@@ -269,3 +269,23 @@ def test_pipeline_with_and_without_the_output_correction_agree():
     ea = a.lowbit_info.layers["model.layers.2.mlp.down_proj"]["output_error"]
     eb = b.lowbit_info.layers["model.layers.2.mlp.down_proj"]["output_error"]
     assert ea == pytest.approx(eb, rel=1e-3)
+
+
+def test_a_recipe_and_the_same_options_quantize_alike_and_clip_search_reaches_gptq():
+    from lowbit.formats import IntFormat
+    from lowbit.recipe import Calibration, Recipe
+
+    model = make_tiny_model("llama")
+    by_options = _quantize(copy.deepcopy(model), bits=3, clip_search=False)
+    recipe = Recipe(
+        solver=GPTQSettings(batch_size=4, clip_search=False), format=IntFormat(3, 32), calibration=Calibration(WINDOWS)
+    )
+    by_recipe = lowbit.quantize(copy.deepcopy(model), recipe, progress=False)
+    a, b = by_options.state_dict(), by_recipe.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert by_options.lowbit_info.settings["gptq"]["clip_search"] is False
+    clipped = _quantize(copy.deepcopy(model), bits=3)  # GPTQ's default: clip search on
+    name = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(clipped.get_submodule(name).qweight, by_options.get_submodule(name).qweight)
+    with pytest.raises(lowbit.LowbitError, match="a Recipe, not 3"):
+        lowbit.quantize(model, 3)
