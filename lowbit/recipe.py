@@ -127,8 +127,10 @@ class Budget:
     refine_windows: int = 4
 
     def __post_init__(self) -> None:
-        if (self.bpw is None) == (self.size_bytes is None):
+        if self.bpw is not None and self.size_bytes is not None:
             raise LowbitError("give a bit budget (--bits/--bpw) or a size (--size), not both")
+        if self.bpw is None and self.size_bytes is None:
+            raise LowbitError("a budget needs bits per weight (--bits 3.25) or a size (--size 70MB)")
         if self.bpw is not None:
             _finite(self.bpw, "a bit budget (--bits/--bpw)", *BUDGET_BPW_RANGE, "--bits 3.25")
         if self.size_bytes is not None:
