@@ -101,7 +101,9 @@ def save(
     tmp.mkdir()
     try:
         tensors, tied = _packed_state(model, info)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "lowbit"})
+        # one metadata key only: safetensors writes metadata in hash-map order, so with two keys
+        # the same tensors gave files that differed byte for byte from run to run
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _check_size(tmp / WEIGHTS, info)
         config = model.config.to_dict()
         config["quantization_config"] = {

@@ -178,3 +178,11 @@ def test_artifacts_written_by_lowbit_0_1_still_load_to_the_same_logits(capsys, n
     shown = capsys.readouterr().out
     if name == "gpt2-size-budget":
         assert "embedding/head: transformer.wte int2-g32-asym" in shown and "plan         budget" in shown
+
+
+def test_the_same_model_saves_to_the_same_bytes(tmp_path):
+    """Checksums and byte comparisons (resume, lazy loading) rely on it."""
+    model = make_tiny_model("llama")
+    lowbit.quantize(model, bits=4, method="rtn", group_size=32, progress=False)
+    files = [lowbit.save(model, tmp_path / f"art{i}") / WEIGHTS for i in range(4)]
+    assert len({f.read_bytes() for f in files}) == 1
