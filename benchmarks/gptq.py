@@ -65,7 +65,7 @@ def main() -> None:
             cmd = [*lowbit, "quantize", MODEL, "--method", method, "--bits", str(bits), "--group-size", str(gs)]
             cmd += ["--out", str(out), "--eval", "--json"]
             if method == "gptq":
-                cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), *args.extra]
+                cmd += ["--nsamples", str(args.nsamples), "--calib-seqlen", str(args.seqlen), *args.extra]
             stdout, wall, rss = timed(cmd)
             s = json.loads(stdout)
             ev = s["evaluation"]

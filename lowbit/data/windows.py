@@ -22,7 +22,7 @@ def eval_windows(tokens: torch.Tensor, seqlen: int = 512, limit: int | None = No
     if n == 0:
         raise DataError(
             f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
-            "use a longer text or a shorter --seqlen"
+            "use a longer text or a shorter --eval-seqlen"
         )
     if limit is not None:
         n = min(n, limit)
@@ -35,7 +35,7 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int = 128, seqlen: int =
     if n <= seqlen:
         raise DataError(
             f"calibration text has {n} tokens, fewer than one window of {seqlen} (+1); "
-            "use a longer text or a shorter --seqlen"
+            "use a longer text or a shorter --calib-seqlen"
         )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seqlen, (nsamples,), generator=g)
