@@ -124,9 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-windows", type=int, default=4, help="held-out calibration windows the refinement scores plans on (4)"
     )
     q.add_argument(
-        "--group-size", default="128", help="inputs sharing one scale: a positive integer or 'channel' (default 128)"
+        "--group-size",
+        help="inputs sharing one scale: a positive integer or 'channel' (default 128; with --target, its block)",
     )
-    q.add_argument("--sym", action="store_true", help="symmetric grid: no zero point stored")
+    q.add_argument(
+        "--sym", action="store_true", default=None, help="symmetric grid: no zero point stored (default: asymmetric)"
+    )
+    q.add_argument(
+        "--target",
+        choices=["gguf"],
+        help="write only formats this export format holds (gguf: llama.cpp's Q4_0, Q5_0, Q8_0), so that "
+        "lowbit export writes exactly what was solved; --bits then names the target's format of that width",
+    )
     q.add_argument(
         "--method",
         default="gptq",
@@ -199,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print results as JSON")
     _add_eval_options(e, legacy="eval")
 
+    x = sub.add_parser("export", help="write an artifact in a format other engines load (gguf: llama.cpp)")
+    x.add_argument("artifact", help="artifact directory written by lowbit quantize")
+    x.add_argument("--to", required=True, choices=["gguf"], help="the format to write")
+    x.add_argument("--out", required=True, help="the file to write (e.g. model.gguf)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     i = sub.add_parser("inspect", help="show what an artifact holds: formats, bpw, sizes, results")
     i.add_argument("artifact", help="artifact directory written by lowbit quantize")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
@@ -230,7 +245,8 @@ def recipe_from_args(args: argparse.Namespace):
         )
     return Recipe.build(
         bits=bits if isinstance(bits, int) else 4,
-        group_size=_group_size(args.group_size),
+        group_size="default" if args.group_size is None else _group_size(args.group_size),
+        target=args.target,
         symmetric=args.sym,
         method=args.method,
         clip_search=args.clip_search,
@@ -360,6 +376,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.export.gguf import export_gguf
+
+    out = export_gguf(args.artifact, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit.artifact import read_manifest
 
@@ -459,7 +483,7 @@ def _tables_text(budget: dict) -> str:
     return "; embedding/head: " + ", ".join(parts)
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

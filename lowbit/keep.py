@@ -3,7 +3,8 @@
 A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
-`int8-gch` (per channel); the group defaults to the run's --group-size.
+`int8-gch` (per channel), or llama.cpp's `q4_0`, `q5_0`, `q8_0`; the group defaults to the
+run's --group-size.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, IntFormat
+from lowbit.formats.ggml import ggml_type_named
 
 _FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?$")
 
@@ -25,6 +27,9 @@ class KeepRule:
 
 
 def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = False) -> Format:
+    ggml = ggml_type_named(spec)
+    if ggml is not None:  # llama.cpp's names: q4_0, q5_0, q8_0
+        return ggml.fmt
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(f"unknown format {spec!r} in --keep; write e.g. 8bit, int4-g64 or int3-g128-sym")

@@ -19,8 +19,10 @@ from lowbit.dtypes import dtype_named
 from lowbit.errors import BudgetError, LowbitError
 from lowbit.formats import Format, IntFormat
 from lowbit.keep import KeepRule, parse_rules
+from lowbit.targets import target_named
 
 ALLOCATORS = ("upgrade", "knapsack", "baq")
+DEFAULT_GROUP = 128  # without a target; a target's own block size with one
 WEIGHTINGS = ("relative", "stream", "raw")
 BUDGET_BPW_RANGE = (2.0, 8.0)
 
@@ -28,6 +30,10 @@ BUDGET_BPW_RANGE = (2.0, 8.0)
 def default_candidates(symmetric: bool = False, scale_dtype: str = "float16") -> tuple[Format, ...]:
     """Integer grids at 2, 3, 4, 5, 6 and 8 bits, each with groups of 32, 64 and 128."""
     return tuple(IntFormat(b, g, symmetric, scale_dtype) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
+
+
+def _candidates(target, symmetric: bool, scale_dtype: str) -> tuple[Format, ...]:
+    return target.formats if target is not None else default_candidates(symmetric, scale_dtype)
 
 
 def _positive_int(value: Any, what: str) -> None:
@@ -162,6 +168,7 @@ class Recipe:
     keep: tuple[KeepRule, ...] = ()
     calibration: Calibration = field(default_factory=Calibration)
     storage_dtype: str = "float16"  # unquantized tensors (norms, embeddings kept in float, biases)
+    target: str | None = None  # an export format (lowbit.targets) that every chosen format must fit
 
     def __post_init__(self) -> None:
         if type(self.solver) not in SOLVERS.values():
@@ -174,6 +181,15 @@ class Recipe:
             raise LowbitError("a budget needs --method gptq (the measurement pass solves every candidate with it)")
         dtype_named(self.storage_dtype, "storage dtype (--storage-dtype)")
         object.__setattr__(self, "keep", tuple(self.keep))
+        if self.target is not None:
+            target = target_named(self.target)
+            if self.format is not None:
+                target.check(self.format, "the format (--bits, --group-size, --sym)")
+            for fmt in self.budget.candidates if self.budget is not None else ():
+                target.check(fmt, "a budget candidate")
+            for rule in self.keep:
+                if rule.fmt is not None:
+                    target.check(rule.fmt, f"--keep {rule.pattern}")
 
     @property
     def method(self) -> str:
@@ -187,10 +203,11 @@ class Recipe:
     def build(
         cls,
         bits: int = 4,
-        group_size: int | None = 128,
-        symmetric: bool = False,
+        group_size: int | None | str = "default",
+        symmetric: bool | None = None,
         method: str = "gptq",
         *,
+        target: str | None = None,
         clip_search: bool | None = None,
         scale_dtype: str = "float16",
         storage_dtype: str = "float16",
@@ -211,7 +228,17 @@ class Recipe:
 
         `clip_search` (default: on for GPTQ, off for RTN) sets the range search of whichever
         solver runs. With `budget_bpw` or `size_bytes`, `bits` is not used; `group_size`,
-        `symmetric` and `scale_dtype` still shape the default candidates and keep rules."""
+        `symmetric` and `scale_dtype` still shape the default candidates and keep rules.
+
+        With a `target` (e.g. "gguf"), `bits` names the target's format of that width unless a
+        group size or symmetry is given, and the default candidates are every format it holds.
+        Without one, the group size defaults to 128 and the grid to asymmetric."""
+        tgt = target_named(target) if target is not None else None
+        explicit = group_size != "default" or symmetric is not None
+        if tgt is not None and not explicit:
+            group_size, symmetric = tgt.formats[0].group_size, tgt.formats[0].symmetric
+        group_size = DEFAULT_GROUP if group_size == "default" else group_size
+        symmetric = bool(symmetric)
         if method not in SOLVERS:
             raise LowbitError(f"unknown method {method!r}; available: {', '.join(SOLVERS)}")
         if method == "gptq":
@@ -227,13 +254,19 @@ class Recipe:
             budget = Budget(
                 bpw=budget_bpw,
                 size_bytes=size_bytes,
-                candidates=tuple(candidates) if candidates else default_candidates(symmetric, scale_dtype),
+                candidates=tuple(candidates) if candidates else _candidates(tgt, symmetric, scale_dtype),
                 allocator=allocator,
                 weighting=weighting,
                 refine_seconds=refine_seconds,
                 refine_windows=refine_windows,
             )
-        fmt = None if budget is not None else IntFormat(bits, group_size, symmetric, scale_dtype)
+        fmt = None
+        if budget is None:
+            fmt = (
+                tgt.with_bits(bits)
+                if tgt is not None and not explicit
+                else IntFormat(bits, group_size, symmetric, scale_dtype)
+            )
         if budget is not None:  # still refuse what would be refused without the budget
             IntFormat(4, group_size, symmetric, scale_dtype)
         rules = keep if isinstance(keep, (list, tuple)) else parse_rules(keep, group_size, symmetric)
@@ -244,11 +277,14 @@ class Recipe:
             keep=tuple(rules),
             calibration=Calibration(calib, nsamples, seqlen),
             storage_dtype=storage_dtype,
+            target=target,
         )
 
     def settings(self) -> dict[str, Any]:
         """The manifest's `settings`: what was asked, in the keys `lowbit inspect` reads."""
         out: dict[str, Any] = {"format": None if self.format is None else self.format.to_dict()}
+        if self.target is not None:
+            out["target"] = self.target
         if isinstance(self.solver, RTNSettings):
             out["clip_search"] = self.solver.clip_search
         if self.keep:

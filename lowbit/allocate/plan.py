@@ -30,6 +30,7 @@ from lowbit.keep import KeepRule, apply_rules
 from lowbit.models.adapters import ArchAdapter, linear_weight, quantizable_linears
 from lowbit.recipe import Recipe
 from lowbit.tables import Table, find_tables, table_errors
+from lowbit.targets import target_named
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
     shapes = {n: tuple(linear_weight(m).shape) for n, m in quantizable_linears(model, adapter)}
     pinned = apply_rules(list(shapes), list(recipe.keep), [n for n, _ in model.named_modules()])
     targets = Targets(shapes, pinned)
+    if recipe.target is not None:  # every layer that will be quantized must split into the target's blocks
+        target = target_named(recipe.target)
+        for name, (_, in_features) in shapes.items():
+            if pinned.get(name, True) is not None:
+                target.check_shape(name, in_features)
     budget = recipe.budget
     if budget is None:
         return targets
@@ -89,6 +95,9 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
         check_feasible(free, cands, budget.bpw, sum(r[0] for r in fixed), sum(r[1] for r in fixed))
     else:
         targets.tables = [t for t in find_tables(model) if not _kept_in_float(t, recipe.keep)]
+        if recipe.target is not None:  # a table whose rows do not split into blocks stays in float
+            row = target_named(recipe.target).row_multiple
+            targets.tables = [t for t in targets.tables if t.shape[1] % row == 0]
         storage = DTYPES[recipe.storage_dtype]
         targets.size = size_budget(model, shapes, pinned, cands, budget.size_bytes, storage, targets.tables)
     return targets

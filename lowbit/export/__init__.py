@@ -1,0 +1,1 @@
+"""Writing artifacts in the formats other engines load (GGUF for llama.cpp)."""
