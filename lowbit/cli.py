@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-reference", action="store_true", help="perplexity only")
     e.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     e.add_argument("--json", action="store_true", help="print results as JSON")
+    e.add_argument(
+        "--engine",
+        choices=["torch", "llama.cpp"],
+        default="torch",
+        help="torch (default): lowbit's own runtime; llama.cpp: score a .gguf file with llama.cpp itself "
+        "(through xllamacpp; the reference defaults to the model lowbit exported it from)",
+    )
     _add_eval_options(e, legacy="eval")
 
     x = sub.add_parser("export", help="write an artifact in a format other engines load (gguf: llama.cpp)")
@@ -350,22 +357,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.models import load_model
 
     settings = _eval_settings(args)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    if loaded.tokenizer is None:
-        raise LowbitError(f"{args.model} has no tokenizer files; re-create the artifact with lowbit quantize")
-    reference = None if args.no_reference else args.reference or default_reference(loaded.model)
+    if args.engine == "llama.cpp":
+        from lowbit.eval.llamacpp import open_gguf
+
+        model, tokenizer, source = open_gguf(args.model, settings.seqlen)
+        manifest = None
+    else:
+        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        if loaded.tokenizer is None:
+            raise LowbitError(f"{args.model} has no tokenizer files; re-create the artifact with lowbit quantize")
+        model, tokenizer = loaded.model, loaded.tokenizer
+        source = default_reference(model)
+        manifest = getattr(model, "lowbit_manifest", None)
+    reference = None if args.no_reference else args.reference or source
     result = evaluate(
-        loaded.model,
-        loaded.tokenizer,
+        model,
+        tokenizer,
         reference=reference,
         data=settings.data,
         protocol=settings.protocol,
         seqlen=settings.seqlen,
         batch_size=settings.batch_size,
     )
+    if args.engine == "llama.cpp":
+        model.close()
     result["model"] = args.model
     result["reference"] = reference
-    manifest = getattr(loaded.model, "lowbit_manifest", None)
+    result["engine"] = args.engine
     if manifest:
         result["bits_per_weight"] = manifest["bits_per_weight"]
         result["artifact_bytes"] = manifest["sizes"]["artifact_bytes"]

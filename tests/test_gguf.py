@@ -232,3 +232,57 @@ def test_export_from_the_command_line(capsys, tiny_gguf_artifact, tmp_path):
         capsys, "quantize", tmp_path / "none", "--bits", "3", "--target", "gguf", "--out", tmp_path / "o"
     )
     one_line_error(code, err, r"--target gguf holds 4 .* bits; 3 bits is not one of them")
+
+
+@needs_llamacpp
+def test_llama_cpp_scoring_matches_llama_cpp_and_lowbit(tiny_gguf_artifact):
+    """The engine's logits (llama.cpp's hidden states, the file's head applied in float32) against
+    llama.cpp's own full next-token distribution, and against lowbit's model: both KL < 1e-3."""
+    import xllamacpp
+
+    from lowbit.eval.llamacpp import LlamaCppModel
+    from lowbit.export.gguf import export_gguf
+
+    folder, q, _ = tiny_gguf_artifact
+    out = export_gguf(folder / "art", folder / "scored.gguf", overwrite=True)
+    ids = torch.randint(2, 49152, (1, 48), generator=torch.Generator().manual_seed(9))
+    engine = LlamaCppModel(out, context=128)
+    mixed = torch.log_softmax(engine(ids).logits[0], -1)
+    engine.close()
+    with torch.no_grad():
+        ours = torch.log_softmax(q(ids).logits[0].float(), -1)
+    assert (mixed.exp() * (mixed - ours)).sum(-1).max().item() < 1e-3
+    params = xllamacpp.CommonParams()
+    params.model.path = str(out)
+    params.n_ctx = 128
+    params.n_parallel = 1
+    server = xllamacpp.Server(params)
+    for pos in (5, 30, 48):
+        request = {"prompt": ids[0, :pos].tolist(), "n_predict": 1, "n_probs": 49152, "temperature": 0}
+        top = server.handle_completions(request)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        theirs = torch.full((49152,), -torch.inf)
+        for entry in top:
+            theirs[entry["id"]] = entry["logprob"]
+        assert (theirs.exp() * (theirs - mixed[pos - 1])).nan_to_num().sum().item() < 1e-3, pos
+
+
+@needs_llamacpp
+def test_eval_a_gguf_with_llama_cpp_from_the_command_line(capsys, tiny_gguf_artifact, text_file, tmp_path):
+    import json
+
+    from test_cli import one_line_error, run
+
+    from lowbit.export.gguf import export_gguf
+
+    folder, _, _ = tiny_gguf_artifact
+    out = export_gguf(folder / "art", folder / "cli.gguf", overwrite=True)
+    argv = ["eval", out, "--engine", "llama.cpp", "--data", text_file, "--eval-seqlen", "64", "--json"]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["engine"] == "llama.cpp" and result["reference"] == str((folder / "tiny.gguf").resolve())
+    assert 0 < result["kld"] < 0.05 and result["windows"] >= 1
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(out.read_bytes()[:5000])
+    code, _, err = run(capsys, "eval", broken, "--engine", "llama.cpp", "--data", text_file, "--eval-seqlen", "64")
+    one_line_error(code, err, r"broken\.gguf is not a readable GGUF file .*; re-export or re-download it")

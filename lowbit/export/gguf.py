@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from lowbit.artifact import WEIGHTS, read_manifest
 from lowbit.errors import ArtifactError, FormatError
+from lowbit.eval.llamacpp import SOURCE_KEY
 from lowbit.formats import format_from_dict
 from lowbit.formats.ggml import ggml_type, pack_blocks
 from lowbit.layers import QuantizedLayer, quantized_layers
@@ -136,6 +137,8 @@ def export_gguf(artifact: str | os.PathLike, out: str | os.PathLike, overwrite: 
                 continue
             sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), field.types[0], sub)
+        if manifest.get("source"):
+            writer.add_string(SOURCE_KEY, manifest["source"])
         if used:
             common = used.most_common(1)[0][0]
             writer.add_file_type(LlamaFileType[f"MOSTLY_{common}"])
