@@ -1,0 +1,164 @@
+"""lowbit's GGUF files against llama.cpp's own quantization of the same float model, every file
+scored by llama.cpp itself (`lowbit eval FILE --engine llama.cpp`), smollm2-135m, quick protocol.
+
+llama.cpp's files: every 2-D tensor (token embedding included) in one type, by gguf.quants'
+reference quantizers, which reproduce llama-quantize's for Q8_0, Q5_0 and Q4_0 without an
+importance matrix; norms F32; metadata copied from the source GGUF. (Files with an importance
+matrix or the k-quant "_M" mixes need llama-quantize built from source; not here.)
+
+lowbit's files: `lowbit quantize smollm2-135m --target gguf --size S` (GPTQ, the budget's plan
+over Q4_0/Q5_0/Q8_0 and, for the embedding, F16) with S chosen so that the exported GGUF is no
+larger than llama.cpp's file of that type, then `lowbit export`; and the uniform
+`--bits 4 --target gguf`. Results land in WORK and a finished step is not repeated.
+
+    LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/gguf_vs_llamacpp.py --work /tmp/gguf-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from foundation import timed  # noqa: E402
+
+from lowbit.models.loading import resolve_model_source  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "gguf_vs_llamacpp.json"
+TYPES = ["Q8_0", "Q5_0", "Q4_0"]
+
+
+def llama_file(source: Path, qtype: str, out: Path) -> int:
+    """Every 2-D tensor of the dequantized source in `qtype`; returns the bytes of tensor data."""
+    reader = GGUFReader(str(source))
+    writer = GGUFWriter(str(out), str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    data = 0
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        if w.ndim == 2:
+            packed = quantize(w, GGMLQuantizationType[qtype])
+            writer.add_tensor(t.name, packed, raw_dtype=GGMLQuantizationType[qtype])
+            data += packed.nbytes
+        else:
+            writer.add_tensor(t.name, w)
+            data += w.nbytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return data
+
+
+def score(lowbit: str, gguf_file: Path, result: Path) -> dict:
+    if not (result.is_file() and result.stat().st_size):
+        cmd = [lowbit, "eval", str(gguf_file), "--engine", "llama.cpp", "--reference", "smollm2-135m", "--json"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        result.write_text(out)
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    src = resolve_model_source("smollm2-135m")
+    source = Path(src.path) / src.gguf_file
+    rows = []
+    for qtype in TYPES:
+        path = args.work / f"llama-{qtype}.gguf"
+        if not path.exists():
+            llama_file(source, qtype, path)
+        ev = score(args.lowbit, path, args.work / f"llama-{qtype}.json")
+        rows.append({"file": f"llama.cpp {qtype} (all 2-D tensors)", "bytes": path.stat().st_size, **_metrics(ev)})
+        print(json.dumps(rows[-1]), flush=True)
+    fixed = _fixed_bytes()
+    runs = {f"lowbit size<=llama {q}": ["--size", str(_budget(args.work / f"llama-{q}.gguf", fixed))] for q in TYPES}
+    runs["lowbit --bits 4 (Q4_0 linears, F16 embedding)"] = ["--bits", "4"]
+    for label, options in runs.items():
+        tag = label.split()[-1] if "size" in label else "bits4"
+        art, out = args.work / f"lowbit-{tag}", args.work / f"lowbit-{tag}.gguf"
+        if not out.exists():
+            cmd = [args.lowbit, "quantize", "smollm2-135m", "--target", "gguf", *options, "--out", str(art)]
+            cmd += ["--measurements", str(args.work / "measurements.json"), "--overwrite", "--json"]
+            stdout, wall, rss = timed(cmd)
+            (args.work / f"lowbit-{tag}.quantize.json").write_text(
+                json.dumps({**json.loads(stdout), "command_seconds": wall, "peak_rss_mb": rss})
+            )
+            subprocess.run([args.lowbit, "export", str(art), "--to", "gguf", "--out", str(out)], check=True)
+        q = json.loads((args.work / f"lowbit-{tag}.quantize.json").read_text())
+        ev = score(args.lowbit, out, args.work / f"lowbit-{tag}.json")
+        row = {
+            "file": label,
+            "bytes": out.stat().st_size,
+            "formats": (q.get("budget") or {}).get("formats"),
+            **_metrics(ev),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # the same model in lowbit's own runtime: how far scoring through llama.cpp moves the figures
+    torch_eval = args.work / "lowbit-bits4.torch.json"
+    if not (torch_eval.is_file() and torch_eval.stat().st_size):
+        cmd = [args.lowbit, "eval", str(args.work / "lowbit-bits4"), "--reference", "smollm2-135m", "--json"]
+        torch_eval.write_text(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    ev = json.loads(torch_eval.read_text())
+    rows.append(
+        {
+            "file": "lowbit --bits 4, scored in lowbit's runtime (not llama.cpp)",
+            "bytes": rows[-1]["bytes"],
+            **_metrics(ev),
+        }
+    )
+    args.out.write_text(
+        json.dumps({"date": time.strftime("%Y-%m-%d"), "model": "smollm2-135m", "rows": rows}, indent=1)
+    )
+    print("\n| file | MB | bpw over the file | KLD | ppl | top-1 |\n|---|---|---|---|---|---|")
+    params = sum(int(t.n_elements) for t in GGUFReader(str(source)).tensors)
+    for r in rows:
+        print(
+            f"| {r['file']} | {r['bytes'] / 1e6:.2f} | {8 * r['bytes'] / params:.3f} | {r['kld']:.4f} | {r['ppl']:.2f} "
+            f"| {r['top1']:.4f} |"
+        )
+
+
+def _budget(llama_gguf: Path, fixed_bytes: int) -> int:
+    """A --size that gives lowbit's quantized tensors exactly the bytes llama.cpp's file gives its
+    own (every 2-D tensor's), on top of what lowbit's weights file holds besides them (norms in
+    float16 and its header allowance: `fixed_bytes`). Norms go into both GGUF files as F32, so
+    lowbit's file then holds no more tensor data than llama.cpp's."""
+    reader = GGUFReader(str(llama_gguf))
+    return fixed_bytes + sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2)
+
+
+def _fixed_bytes() -> int:
+    """What lowbit's weights file of smollm2-135m holds besides the quantized tensors, under
+    --target gguf with the tied embedding as a candidate (allocate.size)."""
+    import lowbit
+    from lowbit.allocate.plan import find_targets
+    from lowbit.models.adapters import get_adapter
+
+    model = lowbit.load_model("smollm2-135m").model
+    recipe = lowbit.Recipe.build(size_bytes=10**12, target="gguf")
+    return find_targets(model, get_adapter(model.config.model_type), recipe).size.fixed_bytes
+
+
+def _metrics(ev: dict) -> dict:
+    return {"kld": ev["kld"], "ppl": ev["perplexity"], "top1": ev["top1_agreement"], "eval_seconds": ev["seconds"]}
+
+
+if __name__ == "__main__":
+    main()
