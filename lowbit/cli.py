@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a whole number 2..8: every layer gets codes of that width; a decimal (e.g. 3.25 or 3.0): an "
         "average budget in bits per weight, scales and zeros included, met by giving each layer its own format",
     )
+    q.add_argument(
+        "--format",
+        help="every layer in one named format, for grids --bits cannot name: a llama.cpp type (q4_0, iq4_nl, "
+        "q5_0, q8_0) or lowbit's int4-g64 / int3-g128-sym",
+    )
     q.add_argument("--bpw", help="average budget in bits per weight, 2..8 (the same as --bits with a decimal)")
     q.add_argument(
         "--size",
@@ -237,8 +242,10 @@ def recipe_from_args(args: argparse.Namespace):
         raise LowbitError("give --bits or --bpw, not both (--bpw 3.25 is --bits 3.25)")
     size = parse_size(args.size) if args.size is not None else None
     bits = _bits(args.bits) if args.bits is not None else _bits(args.bpw, "--bpw") if args.bpw is not None else None
-    if bits is None and size is None:
-        raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25), --bpw or --size")
+    if args.format is not None and (bits is not None or size is not None):
+        raise LowbitError("give --format or --bits/--bpw/--size, not both")
+    if bits is None and size is None and args.format is None:
+        raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25), --bpw, --size or --format")
     if size is not None and bits is not None:
         raise LowbitError("give --bits/--bpw or --size, not both")
     gptq = None
@@ -270,6 +277,7 @@ def recipe_from_args(args: argparse.Namespace):
         refine_seconds=args.refine,
         refine_windows=args.refine_windows,
         keep=args.keep,
+        format=args.format,
     )
 
 

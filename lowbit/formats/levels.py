@@ -1,0 +1,86 @@
+"""Non-uniform grids: each b-bit code names one of 2^b fixed levels, times a scale per group.
+
+Stored exactly like a symmetric integer grid (packed codes, one scale per group, no zero
+point), so the runtime, the size accounting and every solver treat it as one; only the map
+from code to value differs. The first grid is llama.cpp's IQ4_NL (16 levels in [-127, 113],
+groups of 32, fp16 scale): the same 4.5 bits per weight as Q4_0, levels denser near zero,
+where most weights lie.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lowbit.errors import FormatError
+from lowbit.formats.integer import IntFormat, _compute_dtype
+
+GRIDS: dict[str, tuple[int, ...]] = {
+    # llama.cpp's kvalues_iq4nl (ggml-common.h)
+    "iq4nl": (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113),
+}
+
+
+@dataclass(frozen=True)
+class LevelFormat(IntFormat):
+    """b-bit codes into a table of levels (`grid`), one scale per group: w = scale * levels[code]."""
+
+    grid: str = "iq4nl"
+    symmetric: bool = True
+
+    kind: ClassVar[str] = "levels"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid not in GRIDS:
+            raise FormatError(f"unknown level grid {self.grid!r}; known: {', '.join(GRIDS)}")
+        if len(GRIDS[self.grid]) != 1 << self.bits:
+            raise FormatError(f"grid {self.grid} has {len(GRIDS[self.grid])} levels, not 2^{self.bits}")
+        if not self.symmetric:
+            raise FormatError(f"grid {self.grid} has no zero point; it is symmetric by construction")
+
+    @property
+    def name(self) -> str:
+        g = "ch" if self.group_size is None else str(self.group_size)
+        return f"{self.grid}-g{g}"
+
+    def levels(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.tensor(GRIDS[self.grid], dtype=torch.float32, device=device)
+
+    def code_values(self, codes: torch.Tensor, zeros: torch.Tensor | float | None) -> torch.Tensor:
+        return self.levels(codes.device)[codes.long()]
+
+    def fit(
+        self, w: torch.Tensor, mask: torch.Tensor | None = None, clip: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the better (by squared error) of two scales: the largest-magnitude weight on
+        the grid's largest-magnitude level, or on the extreme level of its own sign."""
+        w = _compute_dtype(w)
+        if mask is None:
+            mask = torch.ones_like(w, dtype=torch.bool)
+        levels = self.levels(w.device)
+        lo, hi = levels[0].item(), levels[-1].item()
+        wm = torch.where(mask, w, torch.zeros_like(w))
+        peak = wm.gather(-1, wm.abs().argmax(dim=-1, keepdim=True)) * clip
+        zero = torch.zeros_like(peak)
+        best_scale, best_err = None, None
+        for extreme in (lo, torch.where(peak >= 0, torch.full_like(peak, hi), torch.full_like(peak, lo))):
+            scale = self._round_scale(peak / extreme)
+            err = (((self.dequantize(self.quantize(w, scale, zero), scale, zero) - w) * mask) ** 2).sum(-1, True)
+            if best_scale is None:
+                best_scale, best_err = scale, err
+            else:
+                better = err < best_err
+                best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+        return best_scale, zero
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The nearest level's code (as float) for each weight."""
+        levels = self.levels(w.device)
+        mids = (levels[1:] + levels[:-1]) / 2
+        return torch.bucketize((_compute_dtype(w) / scale).contiguous(), mids.to(w.dtype)).to(w.dtype)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return self.levels(q.device).to(q.dtype)[q.long()] * scale
