@@ -133,7 +133,7 @@ BAD_INPUTS = [
     (["--bits", "3.25", "--bpw", "3.25"], r"give --bits or --bpw, not both"),
     (["--format", "nine"], r"unknown format 'nine' in --format; write e\.g\. 8bit, .* or a llama\.cpp type"),
     (["--format", "q4_0", "--bits", "4"], r"give --format or --bits/--bpw/--size, not both"),
-    (["--format", "int4-g128", "--target", "gguf"], r"--format, --group-size, --sym\): int4-g128-sym cannot be written to gguf; the nearest"),
+    (["--format", "int4-g128", "--target", "gguf"], r"--sym\): int4-g128-sym cannot be written to gguf; the nearest"),
     (["--bits", "4", "--damp", "nan"], r"damping \(--damp\) must be a number from 0 to 1, got nan; e\.g\. --damp"),
     (["--bits", "4", "--damp", "-1"], r"damping \(--damp\) must be a number from 0 to 1, got -1\.0"),
     (["--bits", "4", "--eval-seqlen", "0"], r"--eval-seqlen must be a positive whole number, got 0"),
