@@ -9,7 +9,7 @@ matrix or the k-quant "_M" mixes need llama-quantize built from source; not here
 lowbit's files: `lowbit quantize smollm2-135m --target gguf --size S` (GPTQ, the budget's plan
 over Q4_0/Q5_0/Q8_0 and, for the embedding, F16) with S chosen so that the exported GGUF is no
 larger than llama.cpp's file of that type, then `lowbit export`; and the uniform
-`--bits 4 --target gguf`. Results land in WORK and a finished step is not repeated.
+`--bits 4 --target gguf` and `--format iq4_nl --target gguf`. Results land in WORK and a finished step is not repeated.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/gguf_vs_llamacpp.py --work /tmp/gguf-bench
 """
@@ -87,10 +87,12 @@ def main() -> None:
         rows.append({"file": f"llama.cpp {qtype} (all 2-D tensors)", "bytes": path.stat().st_size, **_metrics(ev)})
         print(json.dumps(rows[-1]), flush=True)
     fixed = _fixed_bytes()
-    runs = {f"lowbit size<=llama {q}": ["--size", str(_budget(args.work / f"llama-{q}.gguf", fixed))] for q in TYPES}
-    runs["lowbit --bits 4 (Q4_0 linears, F16 embedding)"] = ["--bits", "4"]
-    for label, options in runs.items():
-        tag = label.split()[-1] if "size" in label else "bits4"
+    runs = {  # tag: (label, options)
+        q: (f"lowbit size<=llama {q}", ["--size", str(_budget(args.work / f"llama-{q}.gguf", fixed))]) for q in TYPES
+    }
+    runs["bits4"] = ("lowbit --bits 4 (Q4_0 linears, F16 embedding)", ["--bits", "4"])
+    runs["iq4_nl"] = ("lowbit --format iq4_nl (IQ4_NL linears, F16 embedding)", ["--format", "iq4_nl"])
+    for tag, (label, options) in runs.items():
         art, out = args.work / f"lowbit-{tag}", args.work / f"lowbit-{tag}.gguf"
         if not out.exists():
             cmd = [args.lowbit, "quantize", "smollm2-135m", "--target", "gguf", *options, "--out", str(art)]
@@ -119,7 +121,7 @@ def main() -> None:
     rows.append(
         {
             "file": "lowbit --bits 4, scored in lowbit's runtime (not llama.cpp)",
-            "bytes": rows[-1]["bytes"],
+            "bytes": (args.work / "lowbit-bits4.gguf").stat().st_size,
             **_metrics(ev),
         }
     )
