@@ -78,9 +78,7 @@ def _from_model(model: nn.Module) -> Iterator[QuantizedLayer]:
         module = modules.get(name)
         if not _packed(module):
             raise LowbitError(f"{name} is recorded as quantized but the model holds {type(module).__name__} there")
-        packed = {"qweight": module.qweight, "scales": module.scales}
-        if module.qzeros is not None:
-            packed["qzeros"] = module.qzeros
+        packed = module.packed
         if isinstance(module, QuantizedEmbedding):
             shape, kind, bias = (module.num_embeddings, module.embedding_dim), "embedding", None
             tied = [n for n, m in modules.items() if isinstance(m, QuantizedLinear) and m.qweight is module.qweight]
@@ -88,7 +86,7 @@ def _from_model(model: nn.Module) -> Iterator[QuantizedLayer]:
         else:
             shape, bias, tied_head = (module.out_features, module.in_features), module.bias, None
             kind = "head" if module is model.get_output_embeddings() else "linear"
-        tensor = QuantizedTensor.unpack(module.fmt, shape, packed)
+        tensor = module.fmt.unpack(shape, packed)
         yield QuantizedLayer(name, kind, tensor, None if bias is None else bias.detach(), tied_head)
 
 
@@ -104,12 +102,11 @@ def _from_artifact(path: Path) -> Iterator[QuantizedLayer]:
             stored = set(f.keys())
             for name, rec in manifest["layers"].items():
                 fmt = format_from_dict(rec["format"])
-                packed = {
-                    k: f.get_tensor(f"{name}.{k}") for k in ("qweight", "scales", "qzeros") if f"{name}.{k}" in stored
-                }
+                shape = tuple(rec["shape"])
+                packed = {k: f.get_tensor(f"{name}.{k}") for k in fmt.packed_buffers(*shape) if f"{name}.{k}" in stored}
                 bias = f.get_tensor(f"{name}.bias").float() if f"{name}.bias" in stored else None
                 kind = rec.get("kind", "linear")
-                tensor = QuantizedTensor.unpack(fmt, tuple(rec["shape"]), packed)
+                tensor = fmt.unpack(shape, packed)
                 yield QuantizedLayer(name, kind, tensor, bias, rec.get("tied_head"))
     except SafetensorError as exc:
         raise ArtifactError(f"{path / WEIGHTS} is corrupt ({exc}); re-create the artifact") from exc

@@ -33,7 +33,7 @@ def default_candidates(symmetric: bool = False, scale_dtype: str = "float16") ->
 
 
 def _candidates(target, symmetric: bool, scale_dtype: str) -> tuple[Format, ...]:
-    return target.formats if target is not None else default_candidates(symmetric, scale_dtype)
+    return target.budget_formats if target is not None else default_candidates(symmetric, scale_dtype)
 
 
 def _positive_int(value: Any, what: str) -> None:
@@ -240,7 +240,7 @@ class Recipe:
         tgt = target_named(target) if target is not None else None
         explicit = group_size != "default" or symmetric is not None
         if tgt is not None and not explicit:
-            group_size, symmetric = tgt.formats[0].group_size, tgt.formats[0].symmetric
+            group_size, symmetric = tgt.budget_formats[0].group_size, tgt.budget_formats[0].symmetric
         group_size = DEFAULT_GROUP if group_size == "default" else group_size
         symmetric = bool(symmetric)
         if method not in SOLVERS:

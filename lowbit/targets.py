@@ -12,24 +12,35 @@ from dataclasses import dataclass
 
 from lowbit.errors import FormatError
 from lowbit.formats import Format
-from lowbit.formats.ggml import BLOCK, GGML_TYPES, ggml_type
+from lowbit.formats.ggml import GGML_TYPES, ggml_type
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     formats: tuple[Format, ...]  # every format it can hold, fewest bits first
-    row_multiple: int  # a tensor's rows must split into blocks of this many weights
+
+    def row_multiple(self, fmt: Format) -> int:
+        """A tensor's rows must split into blocks of this many weights to be written in `fmt`."""
+        t = ggml_type(fmt) if self.name == "gguf" else None
+        return t.block if t is not None else fmt.row_multiple
+
+    @property
+    def budget_formats(self) -> tuple[Format, ...]:
+        """The default candidates of a budget: the formats that fit rows of the smallest block
+        (a plan gives every layer one of the same candidates; k-quants fit only rows of 256)."""
+        smallest = min(self.row_multiple(f) for f in self.formats)
+        return tuple(f for f in self.formats if self.row_multiple(f) == smallest)
 
     def holds(self, fmt: Format) -> bool:
         return fmt in self.formats
 
-    def label(self, fmt: Format) -> str:
+    def label(self, fmt: Format, short: bool = False) -> str:
         """The format as the target's users know it (e.g. Q4_0 for gguf)."""
-        if self.name == "gguf":
-            t = ggml_type(fmt)
-            return f"{t.name} ({fmt.name})" if t else fmt.name
-        return fmt.name
+        t = ggml_type(fmt) if self.name == "gguf" else None
+        if t is None:
+            return fmt.name
+        return t.name.lower() if short else f"{t.name} ({fmt.name})"
 
     def nearest(self, fmt: Format) -> Format:
         """The held format closest in bits (ties: the larger)."""
@@ -37,12 +48,16 @@ class Target:
         return min(self.formats, key=lambda f: (abs(f.bits - bits), -f.bits))
 
     def with_bits(self, bits: int) -> Format:
-        """The held format of `bits` bits, or a refusal naming the ones there are."""
+        """The held format of `bits` bits (of several, the first: the one with the smallest
+        blocks), or a refusal naming the widths there are."""
         for f in self.formats:
             if f.bits == bits:
                 return f
-        held = ", ".join(f"{f.bits} ({self.label(f)})" for f in self.formats)
-        raise FormatError(f"--target {self.name} holds {held} bits; {bits} bits is not one of them")
+        held = ", ".join(str(b) for b in sorted({f.bits for f in self.formats}))
+        raise FormatError(
+            f"--target {self.name} holds {held} bits; {bits} bits is not one of them "
+            f"(--format names a type: {', '.join(self.label(f, short=True) for f in self.formats)})"
+        )
 
     def check(self, fmt: Format, where: str) -> None:
         """Refuse a format the target cannot hold, naming where it was asked for and what would do."""
@@ -53,16 +68,20 @@ class Target:
                 f"{self.label(near)}"
             )
 
-    def check_shape(self, name: str, in_features: int) -> None:
-        if in_features % self.row_multiple:
+    def check_shape(self, name: str, in_features: int, fmt: Format) -> None:
+        """Refuse a tensor whose rows do not split into `fmt`'s blocks, naming what would fit."""
+        row = self.row_multiple(fmt)
+        if in_features % row:
+            fits = [self.label(f, short=True) for f in self.formats if in_features % self.row_multiple(f) == 0]
+            instead = f"use {', '.join(fits)} for it, or " if fits else ""
             raise FormatError(
-                f"{name} has rows of {in_features} weights, not a multiple of {self.row_multiple} (the block of "
-                f"every {self.name} type lowbit writes); keep it in float with --keep {name}"
+                f"{name} has rows of {in_features} weights, not a multiple of {row} (the block of "
+                f"{self.label(fmt)}); {instead}keep it in float with --keep {name}"
             )
 
 
 TARGETS: dict[str, Target] = {
-    "gguf": Target("gguf", tuple(t.fmt for t in GGML_TYPES), BLOCK),
+    "gguf": Target("gguf", tuple(t.fmt for t in GGML_TYPES)),
 }
 
 

@@ -30,20 +30,47 @@ def _smollm2_gguf() -> Path:
 
 
 @pytest.mark.parametrize("t", GGML_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("solver", ["rtn", "gptq"])
+@pytest.mark.parametrize("solver", ["rtn", "gptq", "gptq-act-order"])
 def test_packed_blocks_dequantize_bit_exactly_in_the_gguf_package(t, solver):
-    """gguf.quants is the oracle: it must read lowbit's bytes to exactly lowbit's weights,
-    also after GPTQ's clip search and scale refit moved the scales off the plain grid."""
+    """gguf.quants is the oracle: it must read lowbit's bytes to exactly lowbit's weights, also
+    after GPTQ's clip search and scale refit moved the scales off the plain grid, and for the
+    k-quants' two-level scales (their blocks read back to the same codes and scales)."""
+    from lowbit.formats.kquants import KQuantTensor, decode
+
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(40, 160, generator=g) * 0.05
+    w = torch.randn(40, 512, generator=g) * 0.05
     if solver == "rtn":
-        qt = t.fmt.quantize_tensor(w)
+        qt = t.fmt.quantize_tensor(w, clip_search=True)
     else:
-        x = torch.randn(400, 160, generator=g)
-        qt = gptq_quantize(w, 2 * x.T @ x / 400, t.fmt, act_order=True, clip_search=True, scale_refit=True).qt
+        x = torch.randn(600, 512, generator=g)
+        act = solver == "gptq-act-order"
+        qt = gptq_quantize(w, 2 * x.T @ x / 600, t.fmt, act_order=act, clip_search=True, scale_refit=True).qt
     packed = pack_blocks(qt)
-    assert packed.shape == (40, 160 // 32 * t.block_bytes) and packed.dtype == np.uint8
+    assert packed.shape == (40, 512 // t.block * t.block_bytes) and packed.dtype == np.uint8
     assert np.array_equal(dequantize(packed, t.qtype), qt.dequantize().numpy())
+    if isinstance(qt, KQuantTensor):
+        back = decode(t.fmt, torch.from_numpy(packed), 512)
+        for field in ("codes", "d", "sc", "dmin", "mn"):
+            assert torch.equal(getattr(back, field), getattr(qt, field)), field
+        assert int(qt.codes.max()) <= t.fmt.maxq
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gptq_on_a_k_quant_grid_beats_rounding_to_it(name):
+    """The sub-block scales are fitted on the super-block grid before the solve, so GPTQ's error
+    feedback works on exactly the stored grid: its Hessian-weighted error is lower than RTN's
+    (measured 33-43 % lower on this layer)."""
+    from lowbit.formats.ggml import ggml_type_named
+    from lowbit.solvers.gptq import relative_output_error
+
+    fmt = ggml_type_named(name).fmt
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 512, generator=g) * 0.05
+    x = torch.randn(800, 512, generator=g) @ (torch.eye(512) + 0.3 * torch.randn(512, 512, generator=g) / 512**0.5)
+    h = 2 * x.T @ x / 800
+    rtn = relative_output_error(w, fmt.quantize_tensor(w, clip_search=True).dequantize(), h)
+    gptq = gptq_quantize(w, h, fmt, clip_search=True).error
+    assert gptq < 0.8 * rtn, (gptq, rtn)
 
 
 def test_iq4_nl_rounds_bell_shaped_weights_closer_than_q4_0_at_the_same_bytes():
@@ -82,8 +109,10 @@ def test_the_gguf_target_names_its_formats_and_refuses_others():
     budget = Recipe.build(budget_bpw=5.0, target="gguf").budget
     assert [f.name for f in budget.candidates] == ["int4-g32-sym", "iq4nl-g32", "int5-g32-sym", "int8-g32-sym"]
     assert Recipe.build(bits=4, target="gguf", keep="*.q_proj=q8_0").keep[0].fmt.bits == 8
-    with pytest.raises(FormatError, match=r"holds 4 \(Q4_0 .*\), 4 \(IQ4_NL .*\), 5 .*, 8 .* bits; 3 bits is not"):
-        Recipe.build(bits=3, target="gguf")
+    assert Recipe.build(bits=3, target="gguf").format.name == "q3_k"  # no 32-block 3-bit type
+    assert Recipe.build(bits=6, target="gguf").format.name == "q6_k"
+    with pytest.raises(FormatError, match=r"holds 2, 3, 4, 5, 6, 8 bits; 7 bits is not one of them \(--format "):
+        Recipe.build(bits=7, target="gguf")
     with pytest.raises(FormatError, match=r"int4-g128-asym cannot be written to gguf; the nearest .* is Q4_0"):
         Recipe.build(bits=4, group_size=128, symmetric=False, target="gguf")
     with pytest.raises(FormatError, match=r"--keep \*\.q_proj: int3-g32-sym cannot be written to gguf"):
@@ -100,6 +129,12 @@ def test_a_layer_whose_rows_do_not_split_into_blocks_is_refused_before_quantizin
         lowbit.quantize(model, bits=4, method="rtn", target="gguf", progress=False)
     q = lowbit.quantize(model, bits=4, method="rtn", target="gguf", keep="*.down_proj", progress=False)
     assert "model.layers.0.mlp.down_proj" not in q.lowbit_info.layers
+    with pytest.raises(
+        FormatError,
+        match=r"q_proj has rows of 64 weights, not a multiple of 256 \(the block of Q3_K \(q3_k\)\); use q4_0, "
+        r"iq4_nl, q5_0, q8_0 for it, or keep it in float",
+    ):
+        lowbit.quantize(make_tiny_model("llama"), bits=3, method="rtn", target="gguf", progress=False)
 
 
 def write_tiny_gguf(path: Path) -> Path:
@@ -270,9 +305,9 @@ def test_export_from_the_command_line(capsys, tiny_gguf_artifact, tmp_path):
     code, _, err = run(capsys, "export", folder / "art", "--to", "onnx", "--out", out)
     one_line_error(code, err, "argument --to: invalid choice: 'onnx'")
     code, _, err = run(
-        capsys, "quantize", tmp_path / "none", "--bits", "3", "--target", "gguf", "--out", tmp_path / "o"
+        capsys, "quantize", tmp_path / "none", "--bits", "7", "--target", "gguf", "--out", tmp_path / "o"
     )
-    one_line_error(code, err, r"--target gguf holds 4 .* bits; 3 bits is not one of them")
+    one_line_error(code, err, r"--target gguf holds 2, 3, 4, 5, 6, 8 bits; 7 bits is not one of them")
 
 
 @needs_llamacpp
@@ -342,7 +377,7 @@ def smollm2_tokenizer_dir(tmp_path_factory):
     return folder
 
 
-def _hf_source_with_tokenizer(folder: Path, arch: str, tokenizer_dir: Path) -> Path:
+def _hf_source_with_tokenizer(folder: Path, arch: str, tokenizer_dir: Path, **config) -> Path:
     """A tiny random model of `arch` with SmolLM2's tokenizer, saved as a Hugging Face directory."""
     import shutil
 
@@ -350,7 +385,7 @@ def _hf_source_with_tokenizer(folder: Path, arch: str, tokenizer_dir: Path) -> P
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(arch, **{**TINY_CONFIGS[arch], "vocab_size": 49152, "bos_token_id": 1})
+    config = AutoConfig.for_model(arch, **{**TINY_CONFIGS[arch], "vocab_size": 49152, "bos_token_id": 1, **config})
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -420,3 +455,52 @@ def test_hugging_face_metadata_refusals_name_what_is_missing(tmp_path, smollm2_t
         hf_metadata(tmp_path / "scaled")
     shape, _ = hf_metadata(_hf_source_with_tokenizer(tmp_path / "ok", "llama", smollm2_tokenizer_dir))
     assert (shape.arch, shape.blocks, shape.heads, shape.kv_heads) == ("llama", 2, 4, 2)
+
+
+@needs_llamacpp
+def test_k_quants_solved_by_gptq_export_and_run_in_llama_cpp(smollm2_tokenizer_dir, tmp_path):
+    """A model 256 wide: Q4_K everywhere, Q6_K on down_proj, Q3_K on one q_proj, solved by GPTQ;
+    the artifact reloads to the same logits, the file holds the solved weights bit for bit (blocks
+    as llama.cpp lays them out) and llama.cpp computes lowbit's distribution: KL below 5e-3 at
+    every position, 2e-3 on average. llama.cpp's own arithmetic is the gap: on this model even
+    a Q8_0 file differs from lowbit's Q8_0 model by 1.2e-3 at most (5.8e-4 on average); RTN
+    files of Q4_K, Q6_K and Q2_K gave 1.9e-3, 3.0e-3 and 3.5e-3 at most (1.0-1.3e-3 on average;
+    llama.cpp rounds the activations of k-quant products to 8 bits per 256)."""
+    from lowbit.eval.llamacpp import LlamaCppModel
+    from lowbit.export.gguf import export_gguf
+
+    wide = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
+    source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir, **wide)
+    loaded = lowbit.load_model(source)
+    windows = torch.randint(2, 49152, (8, 64), generator=torch.Generator().manual_seed(0))
+    keep = "*.down_proj=q6_k,*.1.self_attn.q_proj=q3_k"
+    q = lowbit.quantize(
+        loaded.model,
+        format="q4_k",
+        target="gguf",
+        keep=keep,
+        calib=windows,
+        gptq=GPTQSettings(batch_size=4),
+        progress=False,
+    )
+    lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    ids = torch.randint(2, 49152, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = q(ids).logits[0].float()
+        assert torch.equal(lowbit.load_model(tmp_path / "art").model(ids).logits[0].float(), ours)
+    out = export_gguf(tmp_path / "art", tmp_path / "k.gguf")
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    types = {"blk.0.attn_q.weight": "Q4_K", "blk.1.attn_q.weight": "Q3_K", "blk.0.ffn_down.weight": "Q6_K"}
+    for name, type_name in types.items():
+        assert tensors[name].tensor_type.name == type_name
+    layer = {x.name: x for x in lowbit.quantized_layers(tmp_path / "art")}["model.layers.0.mlp.down_proj"]
+    t = tensors["blk.0.ffn_down.weight"]
+    assert np.array_equal(dequantize(t.data, t.tensor_type), layer.dequantize().numpy())
+    engine = LlamaCppModel(out, context=128)
+    try:
+        theirs = torch.log_softmax(engine(ids).logits[0], -1)
+    finally:
+        engine.close()
+    ours = torch.log_softmax(ours, -1)
+    kl = (theirs.exp() * (theirs - ours)).sum(-1)
+    assert kl.max().item() < 5e-3 and kl.mean().item() < 2e-3, kl

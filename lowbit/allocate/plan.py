@@ -80,12 +80,14 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
     shapes = {n: tuple(linear_weight(m).shape) for n, m in quantizable_linears(model, adapter)}
     pinned = apply_rules(list(shapes), list(recipe.keep), [n for n, _ in model.named_modules()])
     targets = Targets(shapes, pinned)
-    if recipe.target is not None:  # every layer that will be quantized must split into the target's blocks
-        target = target_named(recipe.target)
-        for name, (_, in_features) in shapes.items():
-            if pinned.get(name, True) is not None:
-                target.check_shape(name, in_features)
     budget = recipe.budget
+    if recipe.target is not None:  # every layer that will be quantized must split into its format's blocks
+        target = target_named(recipe.target)
+        free = [recipe.format] if budget is None else list(budget.candidates)
+        for name, (_, in_features) in shapes.items():
+            pin = pinned.get(name, "free")
+            for fmt in free if pin == "free" else [pin] if pin is not None else []:
+                target.check_shape(name, in_features, fmt)
     if budget is None:
         return targets
     cands = list(budget.candidates)
@@ -96,7 +98,8 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
     else:
         targets.tables = [t for t in find_tables(model) if not _kept_in_float(t, recipe.keep)]
         if recipe.target is not None:  # a table whose rows do not split into blocks stays in float
-            row = target_named(recipe.target).row_multiple
+            target = target_named(recipe.target)
+            row = max(target.row_multiple(f) for f in cands)
             targets.tables = [t for t in targets.tables if t.shape[1] % row == 0]
         storage = DTYPES[recipe.storage_dtype]
         targets.size = size_budget(model, shapes, pinned, cands, budget.size_bytes, storage, targets.tables)

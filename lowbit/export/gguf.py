@@ -52,7 +52,7 @@ def check_artifact_fits(manifest: dict) -> None:
     for name, rec in manifest["layers"].items():
         fmt = format_from_dict(rec["format"])
         target.check(fmt, f"layer {name}")
-        target.check_shape(name, rec["shape"][1])
+        target.check_shape(name, rec["shape"][1], fmt)
 
 
 def _source_metadata(manifest: dict) -> tuple[Shape, Callable[[GGUFWriter], None]]:
@@ -147,7 +147,11 @@ def export_gguf(artifact: str | os.PathLike, out: str | os.PathLike, overwrite: 
             writer.add_string(SOURCE_KEY, manifest["source"])
         if used:
             common = used.most_common(1)[0][0]
-            writer.add_file_type(LlamaFileType[f"MOSTLY_{common}"])
+            # the file type only labels the file; the k-quants have it per mix (_S: mostly that type)
+            names = LlamaFileType.__members__
+            label = next((n for n in (f"MOSTLY_{common}", f"MOSTLY_{common}_S") if n in names), None)
+            if label is not None:
+                writer.add_file_type(LlamaFileType[label])
         for gname, data, qtype in tensors:
             writer.add_tensor(gname, data, raw_dtype=qtype)
         writer.write_header_to_file()

@@ -10,11 +10,12 @@ from typing import Any
 
 from lowbit.errors import FormatError
 from lowbit.formats.integer import IntFormat, QuantizedTensor
+from lowbit.formats.kquants import KQuantFormat
 from lowbit.formats.levels import LevelFormat
 
-FORMATS: dict[str, type] = {IntFormat.kind: IntFormat, LevelFormat.kind: LevelFormat}
+FORMATS: dict[str, type] = {IntFormat.kind: IntFormat, LevelFormat.kind: LevelFormat, KQuantFormat.kind: KQuantFormat}
 
-Format = IntFormat  # every kind is an IntFormat so far: packed codes, a scale per group
+Format = IntFormat  # every kind derives from it (geometry, fit/quantize/dequantize, packed buffers)
 
 
 def format_from_dict(d: dict[str, Any]) -> Format:
@@ -25,4 +26,4 @@ def format_from_dict(d: dict[str, Any]) -> Format:
     return FORMATS[kind](**d)
 
 
-__all__ = ["FORMATS", "Format", "IntFormat", "LevelFormat", "QuantizedTensor", "format_from_dict"]
+__all__ = ["FORMATS", "Format", "IntFormat", "KQuantFormat", "LevelFormat", "QuantizedTensor", "format_from_dict"]

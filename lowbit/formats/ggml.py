@@ -11,8 +11,9 @@ q/k projections) moves blocks along with them.
 - IQ4_NL: Q4_0's bytes; w = d * kvalues[q], 16 non-uniform levels (lowbit iq4nl-g32)
 
 lowbit's symmetric grid is ggml's: the signed largest weight of a block maps to the lowest code
-(d = max / -2^(b-1)). The k-quants and the types with a float minimum (Q4_1, Q5_1) are not lowbit
-formats yet.
+(d = max / -2^(b-1)). The k-quants (Q2_K .. Q6_K, lowbit.formats.kquants) cover 256 weights of a row per block and
+are stored in llama.cpp's own layout already. The types with a float minimum (Q4_1, Q5_1) are
+not lowbit formats yet.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from lowbit.formats.integer import IntFormat, QuantizedTensor
+from lowbit.formats.kquants import K_SPECS, QK, KQuantTensor, kquant
 from lowbit.formats.levels import LevelFormat
 
 BLOCK = 32
@@ -35,12 +37,23 @@ class GGMLType:
     qtype: GGMLQuantizationType
     fmt: IntFormat
     block_bytes: int
+    block: int = BLOCK  # weights of a row per block
 
 
+def _k(name: str) -> GGMLType:
+    return GGMLType(name, GGMLQuantizationType[name], kquant(name), K_SPECS[name].block_bytes, QK)
+
+
+# fewest bits first; of one width, the type with blocks of 32 (it fits more rows) first
 GGML_TYPES: tuple[GGMLType, ...] = (
+    _k("Q2_K"),
+    _k("Q3_K"),
     GGMLType("Q4_0", GGMLQuantizationType.Q4_0, IntFormat(4, BLOCK, symmetric=True), 18),
     GGMLType("IQ4_NL", GGMLQuantizationType.IQ4_NL, LevelFormat(4, BLOCK, grid="iq4nl"), 18),
+    _k("Q4_K"),
     GGMLType("Q5_0", GGMLQuantizationType.Q5_0, IntFormat(5, BLOCK, symmetric=True), 22),
+    _k("Q5_K"),
+    _k("Q6_K"),
     GGMLType("Q8_0", GGMLQuantizationType.Q8_0, IntFormat(8, BLOCK, symmetric=True), 34),
 )
 _BY_FORMAT = {t.fmt: t for t in GGML_TYPES}
@@ -58,14 +71,17 @@ def ggml_type_named(name: str) -> GGMLType | None:
 
 def fits_rows(fmt: IntFormat, in_features: int) -> bool:
     """Whether rows of `in_features` weights split into whole blocks of the type."""
-    return ggml_type(fmt) is not None and in_features % BLOCK == 0
+    t = ggml_type(fmt)
+    return t is not None and in_features % t.block == 0
 
 
-def pack_blocks(qt: QuantizedTensor) -> np.ndarray:
+def pack_blocks(qt: QuantizedTensor | KQuantTensor) -> np.ndarray:
     """uint8 [rows, blocks x block_bytes]: the tensor as the ggml type stores it."""
     t = ggml_type(qt.fmt)
     if t is None:
         raise ValueError(f"{qt.fmt.name} is not a ggml type")
+    if isinstance(qt, KQuantTensor):  # already in llama.cpp's layout
+        return qt.pack()["qweight"].cpu().numpy()
     out, n = qt.shape
     if n % BLOCK:
         raise ValueError(f"rows of {n} weights do not split into blocks of {BLOCK}")

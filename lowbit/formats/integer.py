@@ -15,7 +15,7 @@ import torch
 
 from lowbit.dtypes import DTYPES
 from lowbit.errors import FormatError
-from lowbit.formats.packing import pack_codes, unpack_codes
+from lowbit.formats.packing import pack_codes, packed_words, unpack_codes
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,40 @@ class IntFormat:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
+
+    # ---- what solvers and the runtime ask of every format ---------------------
+    refits_scales: ClassVar[bool] = True  # the dequantized weight is linear in each group's scale
+    groups_per_fit: ClassVar[int] = 1  # groups whose parameters are fitted together
+
+    @property
+    def row_multiple(self) -> int:
+        """What a row's length must be a multiple of (1: any length)."""
+        return 1
+
+    def fit_len(self, in_features: int) -> int:
+        """Columns whose group parameters are fitted together (GPTQ fits them on reaching the first)."""
+        return self.group_len(in_features) * self.groups_per_fit
+
+    def packed_buffers(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors a packed layer holds: name -> (shape, dtype); every one has a row per output."""
+        ng = self.num_groups(in_features)
+        buffers = {
+            "qweight": ((out_features, packed_words(in_features, self.bits)), torch.int32),
+            "scales": ((out_features, ng), DTYPES[self.scale_dtype]),
+        }
+        if not self.symmetric:
+            buffers["qzeros"] = ((out_features, packed_words(ng, self.bits)), torch.int32)
+        return buffers
+
+    def dequantize_packed(self, packed: dict[str, torch.Tensor], in_features: int) -> torch.Tensor:
+        """float32 rows from packed rows (any subset of a layer's rows)."""
+        codes = unpack_codes(packed["qweight"], self.bits, in_features, dtype=torch.float32)
+        qz = packed.get("qzeros")
+        zeros = None if qz is None else unpack_codes(qz, self.bits, self.num_groups(in_features))
+        return dequantize_codes(self, codes, packed["scales"], zeros, in_features)
+
+    def unpack(self, shape: tuple[int, int], packed: dict[str, torch.Tensor]) -> QuantizedTensor:
+        return QuantizedTensor.unpack(self, shape, packed)
 
     # ---- grouping ----------------------------------------------------------
     def to_groups(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

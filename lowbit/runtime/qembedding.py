@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import Format, QuantizedTensor
-from lowbit.runtime.qlinear import QuantizedLinear, dequantize_rows
+from lowbit.runtime.qlinear import QuantizedLinear
 
 
 class QuantizedEmbedding(nn.Module):
@@ -31,13 +31,15 @@ class QuantizedEmbedding(nn.Module):
         self.padding_idx = padding_idx
         self.fmt = fmt
         # the buffers a linear of the same shape would have, so a tied head can share them
-        layout = QuantizedLinear(embedding_dim, num_embeddings, fmt, device=device)
-        self.register_buffer("qweight", layout.qweight)
-        self.register_buffer("scales", layout.scales)
-        if layout.qzeros is not None:
-            self.register_buffer("qzeros", layout.qzeros)
-        else:
-            self.qzeros = None
+        for name, (shape, dtype) in fmt.packed_buffers(num_embeddings, embedding_dim).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        for name in ("scales", "qzeros"):  # attributes of every format's layer, None where not packed
+            if name not in self._buffers:
+                setattr(self, name, None)
+
+    @property
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.fmt.packed_buffers(self.num_embeddings, self.embedding_dim)}
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, padding_idx: int | None = None) -> QuantizedEmbedding:
@@ -50,15 +52,13 @@ class QuantizedEmbedding(nn.Module):
     def tied_head(self) -> QuantizedLinear:
         """An output head over the same buffers (for models whose head is tied to the embedding)."""
         head = QuantizedLinear(self.embedding_dim, self.num_embeddings, self.fmt, device="meta")
-        head.qweight, head.scales = self.qweight, self.scales
-        if self.qzeros is not None:
-            head.qzeros = self.qzeros
+        for name, t in self.packed.items():
+            setattr(head, name, t)
         return head
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1)
-        zeros = None if self.qzeros is None else self.qzeros[flat]
-        rows = dequantize_rows(self.fmt, self.qweight[flat], self.scales[flat], zeros, self.embedding_dim)
+        rows = self.fmt.dequantize_packed({k: t[flat] for k, t in self.packed.items()}, self.embedding_dim)
         return rows.reshape(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

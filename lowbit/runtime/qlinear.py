@@ -10,23 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.dtypes import DTYPES
 from lowbit.formats import Format, QuantizedTensor
-from lowbit.formats.integer import dequantize_codes
-from lowbit.formats.packing import packed_words, unpack_codes
-
-
-def dequantize_rows(
-    fmt: Format, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, columns: int
-) -> torch.Tensor:
-    """Float rows from packed rows (any subset of a layer's rows, with their scales and zeros)."""
-    codes = unpack_codes(qweight, fmt.bits, columns, dtype=torch.float32)
-    zeros = None if qzeros is None else unpack_codes(qzeros, fmt.bits, fmt.num_groups(columns))
-    return dequantize_codes(fmt, codes, scales, zeros, columns)
 
 
 class QuantizedLinear(nn.Module):
-    """y = x Wᵀ + b with W rebuilt from packed integer codes on every call."""
+    """y = x Wᵀ + b with W rebuilt from packed codes on every call; the format says which
+    tensors it packs into (`Format.packed_buffers`) and how to read them back."""
 
     def __init__(
         self,
@@ -40,21 +29,16 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
-        ng = fmt.num_groups(in_features)
-        kw = {"device": device}
-        self.register_buffer(
-            "qweight",
-            torch.zeros(out_features, packed_words(in_features, fmt.bits), dtype=torch.int32, **kw),
-        )
-        self.register_buffer("scales", torch.zeros(out_features, ng, dtype=DTYPES[fmt.scale_dtype], **kw))
-        if not fmt.symmetric:
-            self.register_buffer(
-                "qzeros",
-                torch.zeros(out_features, packed_words(ng, fmt.bits), dtype=torch.int32, **kw),
-            )
-        else:
-            self.qzeros = None
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        for name, (shape, dtype) in fmt.packed_buffers(out_features, in_features).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        for name in ("scales", "qzeros"):  # attributes of every format's layer, None where not packed
+            if name not in self._buffers:
+                setattr(self, name, None)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @property
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.fmt.packed_buffers(self.out_features, self.in_features)}
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None) -> QuantizedLinear:
@@ -67,7 +51,7 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_rows(self.fmt, self.qweight, self.scales, self.qzeros, self.in_features)
+        return self.fmt.dequantize_packed(self.packed, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)

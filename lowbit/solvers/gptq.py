@@ -13,6 +13,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, QuantizedTensor
+from lowbit.formats.kquants import span_sum
 
 
 class HessianError(LowbitError):
@@ -64,7 +65,7 @@ def inverse_hessian_factor(
 
 def fit_clipped(
     fmt: Format, w3: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, grid: int = 20, max_shrink: float = 0.5
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Group parameters whose range shrink minimises the diag(H)-weighted rounding error.
 
     `w3`/`mask` are grouped weights [out, G, gs]; `weight` [1 or out, G, gs] holds each
@@ -73,19 +74,20 @@ def fit_clipped(
     GPTQ's mean relative output error by 1 % at int4 g128, 19 % at int3 g128 and 34 % at
     int2 g64 (benchmarks/gptq_refinements.py)."""
 
-    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        e = fmt.dequantize(fmt.quantize(w3, scale, zero), scale, zero) - w3
-        return (e * e * weight * mask).sum(dim=-1, keepdim=True)
+    def error(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        e = fmt.dequantize(fmt.quantize(w3, *p), *p) - w3
+        # groups fitted together (a k-quant super-block) choose one shrink together
+        return span_sum((e * e * weight * mask).sum(dim=-1, keepdim=True), fmt.groups_per_fit)
 
-    scale, zero = fmt.fit(w3, mask)
-    best = error(scale, zero)
+    params = fmt.fit(w3, mask)
+    best = error(params)
     for i in range(1, grid + 1):
-        s, z = fmt.fit(w3, mask, clip=1.0 - max_shrink * i / grid)
-        err = error(s, z)
+        p = fmt.fit(w3, mask, clip=1.0 - max_shrink * i / grid)
+        err = error(p)
         better = err < best
         best = torch.where(better, err, best)
-        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-    return scale, zero
+        params = tuple(torch.where(better, a, b) for a, b in zip(p, params, strict=True))
+    return params
 
 
 def refit_scales(
@@ -165,11 +167,11 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    gl, ng = fmt.group_len(n), fmt.num_groups(n)
-    params: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ng
+    gl, ng, span = fmt.group_len(n), fmt.num_groups(n), fmt.fit_len(n)
+    params: list[tuple[torch.Tensor, ...] | None] = [None] * ng  # each group's fitted parameters
     hdiag = torch.diag(h)
 
-    def fit_groups(cols: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit_groups(cols: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w3, mask = fmt.to_groups(cols)
         if not clip_search:
             return fmt.fit(w3, mask)
@@ -178,8 +180,8 @@ def gptq_quantize(
 
     perm = None
     if act_order:
-        scale, zero = fit_groups(w, hdiag)
-        params = [(scale[:, g], zero[:, g]) for g in range(ng)]
+        fitted = fit_groups(w, hdiag)
+        params = [tuple(t[:, g] for t in fitted) for g in range(ng)]
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     upper, damp = inverse_hessian_factor(h, percdamp, max_percdamp, name)
@@ -188,17 +190,18 @@ def gptq_quantize(
     deq = torch.zeros_like(w)
     group_of = (perm if perm is not None else torch.arange(n)) // gl
     for i1, i2 in _blocks(n, gl, block_size, grouped=not act_order):
-        if not act_order and i1 % gl == 0:
-            scale, zero = fit_groups(w[:, i1 : min(i1 + gl, n)], hdiag[i1 : min(i1 + gl, n)])
-            params[i1 // gl] = (scale[:, 0], zero[:, 0])
+        if not act_order and i1 % span == 0:  # the span's groups, fitted on the error-updated weights
+            fitted = fit_groups(w[:, i1 : min(i1 + span, n)], hdiag[i1 : min(i1 + span, n)])
+            for k in range(fitted[0].shape[1]):
+                params[i1 // gl + k] = tuple(t[:, k] for t in fitted)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            scale, zero = params[int(group_of[i1 + i])]
+            p = params[int(group_of[i1 + i])]
             col = w1[:, i : i + 1]
-            q = fmt.quantize(col, scale, zero)
-            dq = fmt.dequantize(q, scale, zero)
+            q = fmt.quantize(col, *p)
+            dq = fmt.dequantize(q, *p)
             codes[:, i1 + i : i1 + i + 1] = q
             deq[:, i1 + i : i1 + i + 1] = dq
             e = (col - dq) / u1[i, i]
@@ -210,7 +213,7 @@ def gptq_quantize(
         inv = torch.argsort(perm)
         codes, deq = codes[:, inv], deq[:, inv]
     qt = fmt.assemble(codes, params)
-    if scale_refit:
+    if scale_refit and fmt.refits_scales:
         qt = refit_scales(qt, weight.to(dtype), h_orig)
         deq = qt.dequantize().to(dtype)
     return GPTQResult(qt, damp, relative_output_error(weight, deq, h_orig))
