@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--format",
-        help="every layer in one named format, for grids --bits cannot name: a llama.cpp type (q4_0, iq4_nl, "
-        "q5_0, q8_0) or lowbit's int4-g64 / int3-g128-sym",
+        help="every layer in one named format, for grids --bits cannot name: a llama.cpp type (q2_k, q3_k, "
+        "q4_0, iq4_nl, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0) or lowbit's int4-g64 / int3-g128-sym",
     )
     q.add_argument("--bpw", help="average budget in bits per weight, 2..8 (the same as --bits with a decimal)")
     q.add_argument(

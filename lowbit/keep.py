@@ -3,8 +3,8 @@
 A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
-`int8-gch` (per channel), or llama.cpp's `q4_0`, `iq4_nl`, `q5_0`, `q8_0`; the group defaults to the
-run's --group-size.
+`int8-gch` (per channel), or a llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml);
+the group defaults to the run's --group-size.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, IntFormat
-from lowbit.formats.ggml import ggml_type_named
+from lowbit.formats.ggml import GGML_TYPES, ggml_type_named
 
 _FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?$")
 
@@ -28,13 +28,13 @@ class KeepRule:
 
 def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = False, option: str = "--keep") -> Format:
     ggml = ggml_type_named(spec)
-    if ggml is not None:  # llama.cpp's names: q4_0, iq4_nl, q5_0, q8_0
+    if ggml is not None:  # llama.cpp's names: q4_0, iq4_nl, q4_k ...
         return ggml.fmt
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(
             f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym or a llama.cpp type "
-            "(q4_0, iq4_nl, q5_0, q8_0)"
+            f"({', '.join(t.name.lower() for t in GGML_TYPES)})"
         )
     bits, group, sym = m.groups()
     gs = group_size if group is None else (None if group == "ch" else int(group))

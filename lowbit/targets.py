@@ -28,9 +28,11 @@ class Target:
     @property
     def budget_formats(self) -> tuple[Format, ...]:
         """The default candidates of a budget: the formats that fit rows of the smallest block
-        (a plan gives every layer one of the same candidates; k-quants fit only rows of 256)."""
+        (a plan gives every layer one of the same candidates; k-quants fit only rows of 256),
+        without the float-minimum grids (Q4_1, Q5_1), which reproduce smollm2-135m's own grid
+        and so would make its measurements say nothing (protocol.md)."""
         smallest = min(self.row_multiple(f) for f in self.formats)
-        return tuple(f for f in self.formats if self.row_multiple(f) == smallest)
+        return tuple(f for f in self.formats if self.row_multiple(f) == smallest and f.kind != "intmin")
 
     def holds(self, fmt: Format) -> bool:
         return fmt in self.formats

@@ -85,22 +85,42 @@ def test_iq4_nl_rounds_bell_shaped_weights_closer_than_q4_0_at_the_same_bytes():
     assert mse["IQ4_NL"] < 0.9 * mse["Q4_0"], mse
 
 
-def test_a_named_format_is_every_layers_format(tmp_path):
-    from lowbit.formats import LevelFormat
+@pytest.mark.parametrize(
+    ("spec", "name"), [("iq4_nl", "iq4nl-g32"), ("q4_1", "int4-g32-min"), ("q5_1", "int5-g32-min")]
+)
+def test_a_named_format_is_every_layers_format(tmp_path, spec, name):
+    from lowbit.formats import LevelFormat, MinFormat
 
-    recipe = Recipe.build(format="iq4_nl", target="gguf")
-    assert recipe.format == LevelFormat(4, 32, grid="iq4nl") and recipe.budget is None
+    recipe = Recipe.build(format=spec, target="gguf")
+    assert recipe.format.name == name and recipe.budget is None
+    assert Recipe.build(format="iq4_nl").format == LevelFormat(4, 32, grid="iq4nl")
+    assert Recipe.build(format="q4_1").format == MinFormat(4, 32)
     assert Recipe.build(format="int3-g64-sym").format == IntFormat(3, 64, symmetric=True)
     model = make_tiny_model("llama")
-    lowbit.quantize(model, format="iq4_nl", method="rtn", progress=False)
+    lowbit.quantize(model, format=spec, method="rtn", progress=False)
     lowbit.save(model, tmp_path / "art")
     layers = lowbit.quantized_layers(tmp_path / "art")
-    assert layers and {layer.format.name for layer in layers} == {"iq4nl-g32"}
-    loaded = lowbit.load_model(tmp_path / "art").model  # the level grid survives the round trip
+    assert layers and {layer.format.name for layer in layers} == {name}
+    loaded = lowbit.load_model(tmp_path / "art").model  # the grid survives the round trip
     ids = torch.randint(0, 100, (1, 12))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     with pytest.raises(LowbitError, match=r"give a format or a budget"):
         Recipe.build(format="q4_0", budget_bpw=4.5)
+
+
+def test_a_float_minimum_grid_reproduces_weights_that_lie_on_it():
+    """Q4_1 fits each group's own range (no widening to include zero), so weights already on a
+    Q4_1 grid, as smollm2-135m's are, come back exactly; an integer zero point cannot do that."""
+    from lowbit.formats import MinFormat
+
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (16, 128), generator=g).float()
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # every group spans the whole range
+    d = (torch.rand(16, 4, 1, generator=g) * 0.01 + 0.001).half().float()
+    m = (torch.rand(16, 4, 1, generator=g) * 0.1 - 0.12).half().float()
+    w = (d * codes.view(16, 4, 32) + m).view(16, 128)
+    assert torch.equal(MinFormat(4, 32).quantize_tensor(w).dequantize(), w)
+    assert not torch.equal(IntFormat(4, 32).quantize_tensor(w).dequantize(), w)
 
 
 def test_the_gguf_target_names_its_formats_and_refuses_others():

@@ -124,7 +124,7 @@ def export_gguf(artifact: str | os.PathLike, out: str | os.PathLike, overwrite: 
     tensors: list[tuple[str, np.ndarray, GGMLQuantizationType | None]] = []
     used: Counter[str] = Counter()
     with safe_open(str(artifact / WEIGHTS), "pt") as f:
-        packed_keys = {f"{n}.{k}" for n in layers for k in ("qweight", "scales", "qzeros")}
+        packed_keys = {f"{n}.{k}" for n, x in layers.items() for k in x.format.packed_buffers(*x.shape)}
         for key in f.keys():
             if key in packed_keys:
                 owner = key.rsplit(".", 1)[0]

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from lowbit.errors import FormatError
+from lowbit.formats.floatmin import MinFormat
 from lowbit.formats.integer import IntFormat, QuantizedTensor
 from lowbit.formats.kquants import KQuantFormat
 from lowbit.formats.levels import LevelFormat
 
-FORMATS: dict[str, type] = {IntFormat.kind: IntFormat, LevelFormat.kind: LevelFormat, KQuantFormat.kind: KQuantFormat}
+FORMATS: dict[str, type] = {f.kind: f for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat)}
 
 Format = IntFormat  # every kind derives from it (geometry, fit/quantize/dequantize, packed buffers)
 
@@ -26,4 +27,13 @@ def format_from_dict(d: dict[str, Any]) -> Format:
     return FORMATS[kind](**d)
 
 
-__all__ = ["FORMATS", "Format", "IntFormat", "KQuantFormat", "LevelFormat", "QuantizedTensor", "format_from_dict"]
+__all__ = [
+    "FORMATS",
+    "Format",
+    "IntFormat",
+    "KQuantFormat",
+    "LevelFormat",
+    "MinFormat",
+    "QuantizedTensor",
+    "format_from_dict",
+]
