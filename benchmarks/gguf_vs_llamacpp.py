@@ -2,14 +2,16 @@
 scored by llama.cpp itself (`lowbit eval FILE --engine llama.cpp`), smollm2-135m, quick protocol.
 
 llama.cpp's files: every 2-D tensor (token embedding included) in one type, by gguf.quants'
-reference quantizers, which reproduce llama-quantize's for Q8_0, Q5_0 and Q4_0 without an
-importance matrix; norms F32; metadata copied from the source GGUF. (Files with an importance
-matrix or the k-quant "_M" mixes need llama-quantize built from source; not here.)
+reference quantizers, which reproduce llama-quantize's for Q8_0, Q5_1, Q5_0, Q4_1 and Q4_0
+without an importance matrix; norms F32; metadata copied from the source GGUF. (Files with an
+importance matrix or the k-quant "_M" mixes need llama-quantize built from source; not here.
+Q4_1 and Q5_1 contain smollm2's own grid, protocol.md: not a quality comparison.)
 
-lowbit's files: `lowbit quantize smollm2-135m --target gguf --size S` (GPTQ, the budget's plan
-over Q4_0/Q5_0/Q8_0 and, for the embedding, F16) with S chosen so that the exported GGUF is no
-larger than llama.cpp's file of that type, then `lowbit export`; and the uniform
-`--bits 4 --target gguf` and `--format iq4_nl --target gguf`. Results land in WORK and a finished step is not repeated.
+lowbit's files: `lowbit quantize smollm2-135m --target gguf --size S` (GPTQ; the budget's plan
+over the default candidates Q4_0/IQ4_NL/Q5_0/Q8_0 per tensor, the embedding F16 or one of them)
+with S chosen so that the exported GGUF is no larger than llama.cpp's file of that type, then
+`lowbit export`; and the uniform `--bits 4 --target gguf` (Q4_0) and `--format iq4_nl
+--target gguf`. Results land in WORK and a finished step is not repeated.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/gguf_vs_llamacpp.py --work /tmp/gguf-bench
 """
@@ -33,7 +35,8 @@ from foundation import timed  # noqa: E402
 from lowbit.models.loading import resolve_model_source  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "gguf_vs_llamacpp.json"
-TYPES = ["Q8_0", "Q5_0", "Q4_0"]
+TYPES = ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]  # llama.cpp's files
+SIZED = ["Q8_0", "Q5_0", "Q4_0"]  # lowbit at those files' sizes (Q4_1/Q5_1 hold smollm2's own grid: protocol.md)
 
 
 def llama_file(source: Path, qtype: str, out: Path) -> int:
@@ -88,7 +91,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     fixed = _fixed_bytes()
     runs = {  # tag: (label, options)
-        q: (f"lowbit size<=llama {q}", ["--size", str(_budget(args.work / f"llama-{q}.gguf", fixed))]) for q in TYPES
+        q: (f"lowbit size<=llama {q}", ["--size", str(_budget(args.work / f"llama-{q}.gguf", fixed))]) for q in SIZED
     }
     runs["bits4"] = ("lowbit --bits 4 (Q4_0 linears, F16 embedding)", ["--bits", "4"])
     runs["iq4_nl"] = ("lowbit --format iq4_nl (IQ4_NL linears, F16 embedding)", ["--format", "iq4_nl"])

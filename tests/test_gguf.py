@@ -152,7 +152,7 @@ def test_a_layer_whose_rows_do_not_split_into_blocks_is_refused_before_quantizin
     with pytest.raises(
         FormatError,
         match=r"q_proj has rows of 64 weights, not a multiple of 256 \(the block of Q3_K \(q3_k\)\); use q4_0, "
-        r"iq4_nl, q5_0, q8_0 for it, or keep it in float",
+        r"iq4_nl, q4_1, q5_0, q5_1, q8_0 for it, or keep it in float",
     ):
         lowbit.quantize(make_tiny_model("llama"), bits=3, method="rtn", target="gguf", progress=False)
 
