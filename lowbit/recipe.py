@@ -240,7 +240,8 @@ class Recipe:
         tgt = target_named(target) if target is not None else None
         explicit = group_size != "default" or symmetric is not None
         if tgt is not None and not explicit:
-            group_size, symmetric = tgt.budget_formats[0].group_size, tgt.budget_formats[0].symmetric
+            grid = min(tgt.formats, key=tgt.row_multiple)  # the first of the smallest blocks: Q4_0's
+            group_size, symmetric = grid.group_size, grid.symmetric
         group_size = DEFAULT_GROUP if group_size == "default" else group_size
         symmetric = bool(symmetric)
         if method not in SOLVERS:

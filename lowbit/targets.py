@@ -27,12 +27,11 @@ class Target:
 
     @property
     def budget_formats(self) -> tuple[Format, ...]:
-        """The default candidates of a budget: the formats that fit rows of the smallest block
-        (a plan gives every layer one of the same candidates; k-quants fit only rows of 256),
-        without the float-minimum grids (Q4_1, Q5_1), which reproduce smollm2-135m's own grid
-        and so would make its measurements say nothing (protocol.md)."""
-        smallest = min(self.row_multiple(f) for f in self.formats)
-        return tuple(f for f in self.formats if self.row_multiple(f) == smallest and f.kind != "intmin")
+        """The default candidates of a budget: every format but the float-minimum grids (Q4_1,
+        Q5_1), which reproduce smollm2-135m's own grid and so would make its measurements say
+        nothing (protocol.md). A model is planned over those that fit every layer it quantizes
+        (lowbit.allocate.plan.find_targets): k-quants need rows of 256."""
+        return tuple(f for f in self.formats if f.kind != "intmin")
 
     def holds(self, fmt: Format) -> bool:
         return fmt in self.formats

@@ -127,7 +127,8 @@ def test_the_gguf_target_names_its_formats_and_refuses_others():
     assert Recipe.build(bits=4, target="gguf").format == IntFormat(4, 32, symmetric=True)
     assert Recipe.build(bits=8, target="gguf").format == IntFormat(8, 32, symmetric=True)
     budget = Recipe.build(budget_bpw=5.0, target="gguf").budget
-    assert [f.name for f in budget.candidates] == ["int4-g32-sym", "iq4nl-g32", "int5-g32-sym", "int8-g32-sym"]
+    names = ["q2_k", "q3_k", "int4-g32-sym", "iq4nl-g32", "q4_k", "int5-g32-sym", "q5_k", "q6_k", "int8-g32-sym"]
+    assert [f.name for f in budget.candidates] == names  # all but Q4_1/Q5_1 (smollm2's own grid)
     assert Recipe.build(bits=4, target="gguf", keep="*.q_proj=q8_0").keep[0].fmt.bits == 8
     assert Recipe.build(bits=3, target="gguf").format.name == "q3_k"  # no 32-block 3-bit type
     assert Recipe.build(bits=6, target="gguf").format.name == "q6_k"
@@ -524,3 +525,33 @@ def test_k_quants_solved_by_gptq_export_and_run_in_llama_cpp(smollm2_tokenizer_d
     ours = torch.log_softmax(ours, -1)
     kl = (theirs.exp() * (theirs - ours)).sum(-1)
     assert kl.max().item() < 5e-3 and kl.mean().item() < 2e-3, kl
+
+
+def test_a_budget_plans_over_the_candidates_that_fit_every_layer(smollm2_tokenizer_dir, tmp_path):
+    """k-quants need rows of 256: a 64-wide model is planned over Q4_0/IQ4_NL/Q5_0/Q8_0 (the
+    others recorded as dropped, with a layer they cannot hold); a 256-wide one over all nine,
+    and its mixed plan exports bit for bit."""
+    from lowbit.allocate.plan import find_targets
+    from lowbit.export.gguf import export_gguf
+    from lowbit.models.adapters import get_adapter
+
+    recipe = Recipe.build(budget_bpw=4.6, target="gguf", calib=torch.randint(2, 49152, (4, 32)), nsamples=4)
+    narrow = find_targets(make_tiny_model("llama"), get_adapter("llama"), recipe)
+    assert [f.name for f in narrow.candidates] == ["int4-g32-sym", "iq4nl-g32", "int5-g32-sym", "int8-g32-sym"]
+    assert set(narrow.dropped) == {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
+    assert narrow.dropped["q4_k"] == "model.layers.0.self_attn.q_proj"
+    wide = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
+    source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir, **wide)
+    loaded = lowbit.load_model(source)
+    assert len(find_targets(loaded.model, get_adapter("llama"), recipe).candidates) == 9
+    q = lowbit.quantize(loaded.model, recipe, progress=False)
+    assert q.lowbit_info.plan["budget"]["candidates_dropped"] == {}
+    formats = {layer["format"]["kind"] for layer in q.lowbit_info.layers.values()}
+    assert "kquant" in formats, q.lowbit_info.plan["budget"]["formats"]
+    lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    tensors = {t.name: t for t in GGUFReader(str(export_gguf(tmp_path / "art", tmp_path / "m.gguf"))).tensors}
+    for layer in lowbit.quantized_layers(tmp_path / "art"):
+        name = layer.name.replace("model.layers.", "blk.").replace(".mlp.down_proj", ".ffn_down")
+        if name.endswith("ffn_down"):
+            t = tensors[name + ".weight"]
+            assert np.array_equal(dequantize(t.data, t.tensor_type), layer.dequantize().numpy())

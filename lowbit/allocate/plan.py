@@ -24,7 +24,7 @@ from lowbit.allocate.planner import check_feasible, plan_for_budget, upgrade_cho
 from lowbit.allocate.sensitivity import Measurements
 from lowbit.allocate.size import SizeBudget, size_budget
 from lowbit.dtypes import DTYPES
-from lowbit.errors import LowbitError
+from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import Format, format_from_dict
 from lowbit.keep import KeepRule, apply_rules
 from lowbit.models.adapters import ArchAdapter, linear_weight, quantizable_linears
@@ -72,6 +72,8 @@ class Targets:
     pinned: dict[str, Format | None]  # by keep rules: a format, or None for floating point
     tables: list[Table] = field(default_factory=list)  # embedding/head as size-budget candidates
     size: SizeBudget | None = None  # a size budget's fixed bytes and exact candidate costs
+    candidates: list[Format] = field(default_factory=list)  # a budget's candidates that fit every free layer
+    dropped: dict[str, str] = field(default_factory=dict)  # candidate name -> the first free layer it cannot hold
 
 
 def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targets:
@@ -81,16 +83,28 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
     pinned = apply_rules(list(shapes), list(recipe.keep), [n for n, _ in model.named_modules()])
     targets = Targets(shapes, pinned)
     budget = recipe.budget
+    if budget is not None:
+        targets.candidates = list(budget.candidates)
     if recipe.target is not None:  # every layer that will be quantized must split into its format's blocks
         target = target_named(recipe.target)
-        free = [recipe.format] if budget is None else list(budget.candidates)
+        if budget is not None:  # a candidate some free layer cannot hold is dropped (k-quants: rows of 256)
+            free_rows = {n: i for n, (_, i) in shapes.items() if n not in pinned}
+            for fmt in budget.candidates:
+                bad = next((n for n, i in free_rows.items() if i % target.row_multiple(fmt)), None)
+                if bad is not None:
+                    targets.dropped[target.label(fmt, short=True)] = bad
+            targets.candidates = [f for f in budget.candidates if target.label(f, short=True) not in targets.dropped]
+            if not targets.candidates:
+                first = next(iter(targets.dropped.values()))
+                raise FormatError(f"no budget candidate fits every layer ({first} among them); keep it in float")
+        free = [recipe.format] if budget is None else targets.candidates
         for name, (_, in_features) in shapes.items():
             pin = pinned.get(name, "free")
             for fmt in free if pin == "free" else [pin] if pin is not None else []:
                 target.check_shape(name, in_features, fmt)
     if budget is None:
         return targets
-    cands = list(budget.candidates)
+    cands = targets.candidates
     if budget.bpw is not None:
         free = [s for n, s in shapes.items() if n not in pinned]
         fixed = [(f.storage_bits(*shapes[n]), shapes[n][0] * shapes[n][1]) for n, f in pinned.items() if f]
@@ -130,7 +144,7 @@ def allocate(
     if measurements is None:
         raise LowbitError("a budget plan needs the measurement pass's results")
     budget, size = recipe.budget, targets.size
-    cands = list(budget.candidates)
+    cands = targets.candidates
     names = list(targets.linears)
     fixed = {n: f for n, f in targets.pinned.items() if f is not None}
     free = [n for n in names if n not in targets.pinned]
@@ -183,6 +197,7 @@ def allocate(
         "predicted_error": allocation.predicted_error,
         "formats": Plan({**fixed, **allocation.formats}).format_counts(),
         "candidates": [f.to_dict() for f in cands],
+        "candidates_dropped": dict(targets.dropped),
         "planning_seconds": planning_seconds,
         "weighting": budget.weighting,
         "refinement": refinement.to_dict() if refinement is not None else None,
