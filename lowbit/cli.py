@@ -412,12 +412,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit.artifact import read_manifest
+    from lowbit.formats import format_from_dict
 
     m = read_manifest(args.artifact)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
-    fmt = m["settings"]["format"] or "mixed (per layer, see the plan below)"
+    fmt = m["settings"]["format"]
+    fmt = format_from_dict(fmt).name if fmt else "mixed (per layer, see the plan below)"
     sizes = m["sizes"]
     print(f"artifact     {args.artifact}")
     print(f"source       {m.get('source')}  ({m['model_type']})")
@@ -487,8 +489,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if m.get("evaluation"):
         _print_metrics(m["evaluation"])
     if args.layers:
-        from lowbit.formats import format_from_dict
-
         print(f"\n{'layer':48s} {'format':18s} {'bpw':>7s} {'output error':>13s} {'weight rel. MSE':>16s}")
         for name, layer in m["layers"].items():
             f = format_from_dict(layer["format"])
