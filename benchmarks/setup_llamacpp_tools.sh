@@ -11,9 +11,16 @@ VERSION=${LLAMA_CPP_PYTHON_VERSION:-}  # empty: the newest sdist
 mkdir -p "$WORK"
 cd "$WORK"
 if [ ! -d src ]; then
-  python3 -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python${VERSION:+==$VERSION}" -d sdist
+  # the sdist's address from PyPI's JSON API (pip download would build its build dependencies)
+  python3 - "$VERSION" <<'PY'
+import json, sys, urllib.parse, urllib.request
+version = sys.argv[1]
+base = f"https://pypi.org/pypi/llama-cpp-python/{version + '/' if version else ''}json"
+urls = [u["url"] for u in json.load(urllib.request.urlopen(base, timeout=60))["urls"] if u["packagetype"] == "sdist"]
+urllib.request.urlretrieve(urllib.parse.urljoin(base, urls[0]), "llama_cpp_python.tar.gz")
+PY
   mkdir -p src
-  tar -xzf sdist/llama_cpp_python-*.tar.gz -C src --strip-components=1
+  tar -xzf llama_cpp_python.tar.gz -C src --strip-components=1
 fi
 cmake -S src/vendor/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
   -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
