@@ -474,8 +474,18 @@ def test_hugging_face_metadata_refusals_name_what_is_missing(tmp_path, smollm2_t
     AutoConfig.for_model("llama", **base, rope_parameters=scaled).save_pretrained(tmp_path / "scaled")
     with pytest.raises(FormatError, match=r"rope scaling 'llama3' is not written to GGUF yet"):
         hf_metadata(tmp_path / "scaled")
-    shape, _ = hf_metadata(_hf_source_with_tokenizer(tmp_path / "ok", "llama", smollm2_tokenizer_dir))
+    padded = _hf_source_with_tokenizer(tmp_path / "ok", "llama", smollm2_tokenizer_dir, vocab_size=49160)
+    shape, write = hf_metadata(padded)
     assert (shape.arch, shape.blocks, shape.heads, shape.kv_heads) == ("llama", 2, 4, 2)
+    writer = GGUFWriter(str(tmp_path / "meta.gguf"), "llama")  # embedding rows past the vocabulary
+    write(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = GGUFReader(str(tmp_path / "meta.gguf")).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == len(types) == 49160 and tokens[-1] == "[PAD49159]" and types[-1] == 5  # UNUSED
+    assert types[1] == 3 and tokens[1] == "<|im_start|>"  # a special token is CONTROL
 
 
 @needs_llamacpp
