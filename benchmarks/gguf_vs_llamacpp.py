@@ -77,6 +77,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--runs",
+        default="Q8_0,Q5_0,Q4_0,bits4,iq4_nl",
+        help="lowbit's runs, in this order: a llama.cpp type (lowbit at that file's size), bits4, iq4_nl",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = resolve_model_source("smollm2-135m")
@@ -95,7 +100,8 @@ def main() -> None:
     }
     runs["bits4"] = ("lowbit --bits 4 (Q4_0 linears, F16 embedding)", ["--bits", "4"])
     runs["iq4_nl"] = ("lowbit --format iq4_nl (IQ4_NL linears, F16 embedding)", ["--format", "iq4_nl"])
-    for tag, (label, options) in runs.items():
+    for tag in args.runs.split(","):
+        label, options = runs[tag]
         art, out = args.work / f"lowbit-{tag}", args.work / f"lowbit-{tag}.gguf"
         if not out.exists():
             cmd = [args.lowbit, "quantize", "smollm2-135m", "--target", "gguf", *options, "--out", str(art)]
@@ -117,19 +123,23 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     # the same model in lowbit's own runtime: how far scoring through llama.cpp moves the figures
     torch_eval = args.work / "lowbit-bits4.torch.json"
-    if not (torch_eval.is_file() and torch_eval.stat().st_size):
-        cmd = [args.lowbit, "eval", str(args.work / "lowbit-bits4"), "--reference", "smollm2-135m", "--json"]
-        torch_eval.write_text(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    ev = json.loads(torch_eval.read_text())
-    rows.append(
-        {
-            "file": "lowbit --bits 4, scored in lowbit's runtime (not llama.cpp)",
-            "bytes": (args.work / "lowbit-bits4.gguf").stat().st_size,
-            **_metrics(ev),
-        }
-    )
+    if "bits4" in args.runs.split(","):
+        if not (torch_eval.is_file() and torch_eval.stat().st_size):
+            cmd = [args.lowbit, "eval", str(args.work / "lowbit-bits4"), "--reference", "smollm2-135m", "--json"]
+            torch_eval.write_text(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        ev = json.loads(torch_eval.read_text())
+        rows.append(
+            {
+                "file": "lowbit --bits 4, scored in lowbit's runtime (not llama.cpp)",
+                "bytes": (args.work / "lowbit-bits4.gguf").stat().st_size,
+                **_metrics(ev),
+            }
+        )
+    command = " ".join([Path(sys.executable).name, *sys.argv])
     args.out.write_text(
-        json.dumps({"date": time.strftime("%Y-%m-%d"), "model": "smollm2-135m", "rows": rows}, indent=1)
+        json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "model": "smollm2-135m", "command": command, "rows": rows}, indent=1
+        )
     )
     print("\n| file | MB | bpw over the file | KLD | ppl | top-1 |\n|---|---|---|---|---|---|")
     params = sum(int(t.n_elements) for t in GGUFReader(str(source)).tensors)
