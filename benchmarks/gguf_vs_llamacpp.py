@@ -121,18 +121,19 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    # the same model in lowbit's own runtime: how far scoring through llama.cpp moves the figures
-    torch_eval = args.work / "lowbit-bits4.torch.json"
-    if "bits4" in args.runs.split(","):
+    # a uniform model in lowbit's own runtime: how far scoring through llama.cpp moves the figures
+    uniform = [t for t in args.runs.split(",") if t in ("bits4", "iq4_nl")]
+    if uniform:
+        tag = uniform[0]
+        torch_eval = args.work / f"lowbit-{tag}.torch.json"
         if not (torch_eval.is_file() and torch_eval.stat().st_size):
-            cmd = [args.lowbit, "eval", str(args.work / "lowbit-bits4"), "--reference", "smollm2-135m", "--json"]
+            cmd = [args.lowbit, "eval", str(args.work / f"lowbit-{tag}"), "--reference", "smollm2-135m", "--json"]
             torch_eval.write_text(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        ev = json.loads(torch_eval.read_text())
         rows.append(
             {
-                "file": "lowbit --bits 4, scored in lowbit's runtime (not llama.cpp)",
-                "bytes": (args.work / "lowbit-bits4.gguf").stat().st_size,
-                **_metrics(ev),
+                "file": f"{runs[tag][0]}, scored in lowbit's runtime (not llama.cpp)",
+                "bytes": (args.work / f"lowbit-{tag}.gguf").stat().st_size,
+                **_metrics(json.loads(torch_eval.read_text())),
             }
         )
     command = " ".join([Path(sys.executable).name, *sys.argv])
