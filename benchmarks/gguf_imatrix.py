@@ -28,7 +28,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.quants import dequantize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gguf_vs_llamacpp import _metrics, score  # noqa: E402
+from gguf_vs_llamacpp import _metrics, copy_metadata, score  # noqa: E402
 
 from lowbit.models.loading import resolve_model_source  # noqa: E402
 
@@ -50,10 +50,7 @@ def float_file(source: Path, out: Path) -> None:
     """The source GGUF with every tensor dequantized to F32, metadata copied."""
     reader = GGUFReader(str(source))
     writer = GGUFWriter(str(out), str(reader.fields["general.architecture"].contents()))
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    copy_metadata(reader, writer)
     for t in reader.tensors:
         writer.add_tensor(t.name, dequantize(t.data, t.tensor_type).astype(np.float32))
     writer.write_header_to_file()

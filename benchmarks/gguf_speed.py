@@ -25,6 +25,9 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
+sys.path.insert(0, str(Path(__file__).parent))
+from gguf_vs_llamacpp import copy_metadata  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "gguf_speed.json"
 
 
@@ -34,10 +37,7 @@ def same_types_file(lowbit_gguf: Path, out: Path) -> None:
     depend on the values)."""
     reader = GGUFReader(str(lowbit_gguf))
     writer = GGUFWriter(str(out), str(reader.fields["general.architecture"].contents()))
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    copy_metadata(reader, writer, skip=())
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
         qtype = t.tensor_type

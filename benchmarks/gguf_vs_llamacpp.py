@@ -39,14 +39,19 @@ TYPES = ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]  # llama.cpp's files
 SIZED = ["Q8_0", "Q5_0", "Q4_0"]  # lowbit at those files' sizes (Q4_1/Q5_1 hold smollm2's own grid: protocol.md)
 
 
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, skip: tuple[str, ...] = ("general.file_type",)) -> None:
+    """Every key of `reader` into `writer`, but the ones GGUFWriter writes itself and `skip`."""
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+            continue
+        writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+
+
 def llama_file(source: Path, qtype: str, out: Path) -> int:
     """Every 2-D tensor of the dequantized source in `qtype`; returns the bytes of tensor data."""
     reader = GGUFReader(str(source))
     writer = GGUFWriter(str(out), str(reader.fields["general.architecture"].contents()))
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    copy_metadata(reader, writer)
     data = 0
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
