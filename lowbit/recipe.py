@@ -33,7 +33,9 @@ def default_candidates(symmetric: bool = False, scale_dtype: str = "float16") ->
 
 
 def _candidates(target, symmetric: bool, scale_dtype: str) -> tuple[Format, ...]:
-    return target.budget_formats if target is not None else default_candidates(symmetric, scale_dtype)
+    if target is not None:
+        return target.budget_formats(symmetric, scale_dtype)
+    return default_candidates(symmetric, scale_dtype)
 
 
 def _positive_int(value: Any, what: str) -> None:
@@ -190,6 +192,16 @@ class Recipe:
             for rule in self.keep:
                 if rule.fmt is not None:
                     target.check(rule.fmt, f"--keep {rule.pattern}")
+            if target.scales_in_model_dtype:  # engines read scales in the model's dtype
+                formats = [self.format] if self.format is not None else list(self.budget.candidates)
+                formats += [r.fmt for r in self.keep if r.fmt is not None]
+                odd = next((f for f in formats if f.scale_dtype != self.storage_dtype), None)
+                if odd is not None:
+                    raise LowbitError(
+                        f"--target {target.name} stores scales in the model's dtype, the storage dtype "
+                        f"({self.storage_dtype}); {odd.name} has {odd.scale_dtype} scales: give --scale-dtype "
+                        f"{self.storage_dtype}, or --storage-dtype {odd.scale_dtype}"
+                    )
 
     @property
     def method(self) -> str:
@@ -231,7 +243,7 @@ class Recipe:
         solver runs. With `budget_bpw` or `size_bytes`, `bits` is not used; `group_size`,
         `symmetric` and `scale_dtype` still shape the default candidates and keep rules.
 
-        With a `target` (e.g. "gguf"), `bits` names the target's format of that width unless a
+        With a `target` ("gguf", "compressed-tensors"), `bits` names the target's format of that width unless a
         group size or symmetry is given, and the default candidates are every format it holds.
         Without one, the group size defaults to 128 and the grid to asymmetric.
 
@@ -240,8 +252,7 @@ class Recipe:
         tgt = target_named(target) if target is not None else None
         explicit = group_size != "default" or symmetric is not None
         if tgt is not None and not explicit:
-            grid = min(tgt.formats, key=tgt.row_multiple)  # the first of the smallest blocks: Q4_0's
-            group_size, symmetric = grid.group_size, grid.symmetric
+            group_size, symmetric = tgt.default_grid()
         group_size = DEFAULT_GROUP if group_size == "default" else group_size
         symmetric = bool(symmetric)
         if method not in SOLVERS:
@@ -272,7 +283,7 @@ class Recipe:
             fmt = parse_format(format, group_size, symmetric, "--format") if isinstance(format, str) else format
         elif budget is None:
             fmt = (
-                tgt.with_bits(bits)
+                tgt.with_bits(bits, scale_dtype)
                 if tgt is not None and not explicit
                 else IntFormat(bits, group_size, symmetric, scale_dtype)
             )

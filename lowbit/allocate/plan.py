@@ -27,7 +27,7 @@ from lowbit.dtypes import DTYPES
 from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import Format, format_from_dict
 from lowbit.keep import KeepRule, apply_rules
-from lowbit.models.adapters import ArchAdapter, linear_weight, quantizable_linears
+from lowbit.models.adapters import ArchAdapter, decoder_blocks, linear_weight, quantizable_linears
 from lowbit.recipe import Recipe
 from lowbit.tables import Table, find_tables, table_errors
 from lowbit.targets import target_named
@@ -74,6 +74,7 @@ class Targets:
     size: SizeBudget | None = None  # a size budget's fixed bytes and exact candidate costs
     candidates: list[Format] = field(default_factory=list)  # a budget's candidates that fit every free layer
     dropped: dict[str, str] = field(default_factory=dict)  # candidate name -> the first free layer it cannot hold
+    tied: list[tuple[str, ...]] = field(default_factory=list)  # linears that must share one format (vLLM's fusion)
 
 
 def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targets:
@@ -97,6 +98,13 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
             if not targets.candidates:
                 first = next(iter(targets.dropped.values()))
                 raise FormatError(f"no budget candidate fits every layer ({first} among them); keep it in float")
+        if target.fused_inputs:
+            targets.tied = _fused_groups(model, adapter, pinned, target.name)
+            if budget is not None and budget.refine_seconds > 0:
+                raise LowbitError(
+                    f"--refine cannot keep fused layers (q/k/v, gate/up) in one format yet, which --target "
+                    f"{target.name} needs; drop --refine"
+                )
         free = [recipe.format] if budget is None else targets.candidates
         for name, (_, in_features) in shapes.items():
             pin = pinned.get(name, "free")
@@ -114,10 +122,34 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
         if recipe.target is not None:  # a table whose rows do not split into blocks stays in float
             target = target_named(recipe.target)
             row = max(target.row_multiple(f) for f in cands)
-            targets.tables = [t for t in targets.tables if t.shape[1] % row == 0]
+            targets.tables = [t for t in targets.tables if t.shape[1] % row == 0 and target.quantizes_tables]
         storage = DTYPES[recipe.storage_dtype]
         targets.size = size_budget(model, shapes, pinned, cands, budget.size_bytes, storage, targets.tables)
     return targets
+
+
+def _fused_groups(model: nn.Module, adapter: ArchAdapter, pinned: dict, target: str) -> list[tuple[str, ...]]:
+    """Every block's linears that read one input (q/k/v, gate/up): engines such as vLLM fuse
+    them into one matrix with one scheme. Refuses keep rules that pin such a group apart."""
+    groups = []
+    for i in range(len(decoder_blocks(model, adapter))):
+        for group in adapter.linear_groups:
+            if len(group) < 2:
+                continue
+            names = tuple(f"{adapter.blocks}.{i}.{n}" for n in group)
+            pins = {pinned.get(n, "free") for n in names}
+            if len(pins) > 1:
+                shown = ", ".join(f"{n.rsplit('.', 1)[-1]}: {_pin_label(pinned.get(n, 'free'))}" for n in names)
+                raise FormatError(
+                    f"--target {target} needs {', '.join(n.rsplit('.', 1)[-1] for n in names)} of block {i} in one "
+                    f"format (vLLM fuses them), but the keep rules give {shown}; pin all of them or none"
+                )
+            groups.append(names)
+    return groups
+
+
+def _pin_label(pin) -> str:
+    return "planned" if pin == "free" else "float" if pin is None else pin.name
 
 
 def _kept_in_float(table: Table, rules: tuple[KeepRule, ...]) -> bool:
@@ -161,6 +193,7 @@ def allocate(
             reserved_bits=sum(f.storage_bits(*targets.linears[n]) for n, f in fixed.items()),
             reserved_numel=sum(numel[n] for n in fixed),
             weighting=budget.weighting,
+            tied=targets.tied,
         )
     else:  # pinned layers are in size.fixed_bytes already; the free linears share what is left
         linear_bits = size.linear_bits
@@ -176,6 +209,7 @@ def allocate(
             weighting=budget.weighting,
             costs=size.costs,
             budget_bits=linear_bits,
+            tied=targets.tied,
         )
     planning_seconds = time.perf_counter() - t0
     refinement = None

@@ -73,12 +73,15 @@ def plan_for_budget(
     weighting: str = "relative",
     costs: dict[str, list[int]] | None = None,
     budget_bits: int | None = None,
+    tied: list[tuple[str, ...]] | None = None,
 ) -> Allocation:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
     `budget_bpw`. Errors are compared across layers after `weighting`
     (Measurements.weighted_errors). Byte budgets pass each candidate's exact packed size as
-    `costs` (bits) and the bits left for these layers as `budget_bits`."""
+    `costs` (bits) and the bits left for these layers as `budget_bits`. Each group in `tied`
+    (layers an engine fuses, such as q/k/v for vLLM) gets one format, chosen as one item whose
+    cost and error are its members' sums."""
     if allocator not in ALLOCATORS:
         raise BudgetError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
     names = list(measurements.layers) if layers is None else layers
@@ -94,18 +97,26 @@ def plan_for_budget(
     floor = min_cost(costs)
     if floor > budget:
         _refuse(budget_bpw, floor + reserved_bits, total, reserved_numel > 0)
+    items = _items(names, tied)
+    item_costs = [_summed(costs, item) for item in items]
+    item_errors = [_summed(errors, item) for item in items]
+    item_numel = [sum(numel[k] for k in item) for item in items]
     if allocator == "knapsack":
-        choice = solve_mckp(costs, errors, budget)
+        picks = solve_mckp(item_costs, item_errors, budget)
     elif allocator == "upgrade":
-        choice = upgrade_choice(costs, errors, budget)
+        picks = upgrade_choice(item_costs, item_errors, budget)
     else:
-        levels = [[c / n for c in cs] for cs, n in zip(costs, numel, strict=True)]
+        levels = [[c / n for c in cs] for cs, n in zip(item_costs, item_numel, strict=True)]
         # BAQ's sensitivity c in L(b) = c 2^(-2b): geometric mean of the fits at every measured level
         sens = [
             math.exp(sum(math.log(max(e, 1e-300)) + 2 * b * math.log(2) for e, b in zip(es, lv, strict=True)) / len(es))
-            for es, lv in zip(errors, levels, strict=True)
+            for es, lv in zip(item_errors, levels, strict=True)
         ]
-        choice = baq_plan(sens, numel, levels, costs, budget)
+        picks = baq_plan(sens, item_numel, levels, item_costs, budget)
+    choice = [0] * len(names)
+    for item, j in zip(items, picks, strict=True):
+        for k in item:
+            choice[k] = j
     spent = sum(c[j] for c, j in zip(costs, choice, strict=True)) + reserved_bits
     return Allocation(
         formats=plan_formats(measurements, dict(zip(names, choice, strict=True))),
@@ -119,6 +130,24 @@ def plan_for_budget(
         total_numel=total,
         costs=dict(zip(names, costs, strict=True)),
     )
+
+
+def _items(names: list[str], tied: list[tuple[str, ...]] | None) -> list[list[int]]:
+    """Indices into `names` planned as one: each tied group whose members are all planned here,
+    every other layer alone."""
+    index = {n: i for i, n in enumerate(names)}
+    items, taken = [], set()
+    for group in tied or ():
+        if all(n in index for n in group):
+            items.append([index[n] for n in group])
+            taken.update(group)
+    items += [[i] for n, i in index.items() if n not in taken]
+    return sorted(items)
+
+
+def _summed(rows: list[list], item: list[int]) -> list:
+    """Candidate by candidate, the sum over an item's layers."""
+    return [sum(col) for col in zip(*(rows[k] for k in item), strict=True)]
 
 
 def upgrade_choice(
