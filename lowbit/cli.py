@@ -133,13 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="inputs sharing one scale: a positive integer or 'channel' (default 128; with --target, its block)",
     )
     q.add_argument(
-        "--sym", action="store_true", default=None, help="symmetric grid: no zero point stored (default: asymmetric)"
+        "--sym",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="symmetric grid: no zero point stored (default: asymmetric; with --target compressed-tensors, symmetric)",
     )
     q.add_argument(
         "--target",
-        choices=["gguf"],
-        help="write only formats this export format holds (gguf: llama.cpp's Q4_0, Q5_0, Q8_0), so that "
-        "lowbit export writes exactly what was solved; --bits then names the target's format of that width",
+        choices=["gguf", "compressed-tensors"],
+        help="write only formats this export format holds (gguf: llama.cpp's types; compressed-tensors: integer "
+        "grids whose groups divide the rows, q/k/v and gate/up in one format each, for vLLM), so that lowbit "
+        "export writes exactly what was solved; --bits then names the target's format of that width",
     )
     q.add_argument(
         "--method",
@@ -220,11 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_eval_options(e, legacy="eval")
 
-    x = sub.add_parser("export", help="write an artifact in a format other engines load (gguf: llama.cpp)")
+    x = sub.add_parser(
+        "export", help="write an artifact in a format other engines load (gguf: llama.cpp; compressed-tensors: vLLM)"
+    )
     x.add_argument("artifact", help="artifact directory written by lowbit quantize")
-    x.add_argument("--to", required=True, choices=["gguf"], help="the format to write")
-    x.add_argument("--out", required=True, help="the file to write (e.g. model.gguf)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.add_argument("--to", required=True, choices=["gguf", "compressed-tensors"], help="the format to write")
+    x.add_argument(
+        "--out", required=True, help="the file (gguf, e.g. model.gguf) or directory (compressed-tensors) to write"
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     i = sub.add_parser("inspect", help="show what an artifact holds: formats, bpw, sizes, results")
     i.add_argument("artifact", help="artifact directory written by lowbit quantize")
@@ -403,6 +411,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.to == "compressed-tensors":
+        from lowbit.export.compressed_tensors import export_compressed_tensors
+
+        out, notes = export_compressed_tensors(args.artifact, args.out, overwrite=args.overwrite)
+        size = sum(p.stat().st_size for p in out.iterdir())
+        print(f"wrote {out}: {size / 1e6:.1f} MB")
+        for note in notes[:3]:
+            print(f"note: {note}", file=sys.stderr)
+        if len(notes) > 3:
+            print(f"note: ... {len(notes) - 3} more (README: compressed-tensors)", file=sys.stderr)
+        return 0
     from lowbit.export.gguf import export_gguf
 
     out = export_gguf(args.artifact, args.out, overwrite=args.overwrite)

@@ -251,8 +251,10 @@ class Recipe:
         a Format), for the grids `bits` cannot name; it excludes a budget."""
         tgt = target_named(target) if target is not None else None
         explicit = group_size != "default" or symmetric is not None
-        if tgt is not None and not explicit:
-            group_size, symmetric = tgt.default_grid()
+        if tgt is not None:  # what the user did not name comes from the target's own grid
+            grid_group, grid_symmetric = tgt.default_grid()
+            group_size = grid_group if group_size == "default" else group_size
+            symmetric = grid_symmetric if symmetric is None else symmetric
         group_size = DEFAULT_GROUP if group_size == "default" else group_size
         symmetric = bool(symmetric)
         if method not in SOLVERS:

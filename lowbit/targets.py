@@ -76,7 +76,8 @@ class Target:
         """Refuse a tensor whose rows do not split into `fmt`'s blocks, naming what would fit."""
         row = self.row_multiple(fmt)
         if in_features % row:
-            fits = [self.label(f, short=True) for f in self.alternatives(fmt) if in_features % self.row_multiple(f) == 0]
+            alts = self.alternatives(fmt)
+            fits = [self.label(f, short=True) for f in alts if in_features % self.row_multiple(f) == 0]
             instead = f"use {', '.join(fits)} for it, or " if fits else ""
             raise FormatError(
                 f"{name} has rows of {in_features} weights, not a multiple of {row} (the block of "
@@ -145,7 +146,10 @@ class CompressedTensorsTarget(Target):
         return tuple(IntFormat(b, g, symmetric, scale_dtype) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
 
     def default_grid(self) -> tuple[int | None, bool]:
-        return 128, False
+        """Symmetric groups of 128, as llm-compressor's W4A16: vLLM's kernels run symmetric grids at
+        every width but zero points only at 4 and 8 bits, and transformers (5.24) loads a mixed
+        plan only when it is symmetric (README)."""
+        return 128, True
 
     def with_bits(self, bits: int, scale_dtype: str = "float16") -> Format:
         group, symmetric = self.default_grid()
@@ -155,7 +159,9 @@ class CompressedTensorsTarget(Target):
         bits = min(max(getattr(fmt, "bits", 4), 2), 8)
         symmetric = bool(getattr(fmt, "symmetric", False))
         dtype = fmt.scale_dtype if getattr(fmt, "scale_dtype", None) in CT_SCALE_DTYPES else "float16"
-        return tuple(IntFormat(bits, g, symmetric, dtype) for g in CT_GROUPS)
+        own = getattr(fmt, "group_size", 128)
+        groups = [own] + [g for g in CT_GROUPS if g != own] if own is None or own > 0 else CT_GROUPS
+        return tuple(IntFormat(bits, g, symmetric, dtype) for g in groups)
 
 
 TARGETS: dict[str, Target] = {
