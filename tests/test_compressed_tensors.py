@@ -191,13 +191,11 @@ def test_cli_quantizes_for_the_target_and_exports(tmp_path, tiny_model_dir):
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    run = subprocess.run(
-        [*lowbit_cli, "export", str(art), "--to", "compressed-tensors", "--out", str(out)], capture_output=True, text=True
-    )
+    export = [*lowbit_cli, "export", str(art), "--to", "compressed-tensors", "--out", str(out)]
+    run = subprocess.run(export, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "wrote" in run.stdout and "Marlin kernels will not run" in run.stderr  # 64-wide rows: not % 128
     assert (out / "tokenizer.json").is_file() and not (out / "lowbit_manifest.json").exists()
-    run = subprocess.run(
-        [*lowbit_cli, "export", str(art), "--to", "compressed-tensors", "--out", str(out)], capture_output=True, text=True
-    )
+    export = [*lowbit_cli, "export", str(art), "--to", "compressed-tensors", "--out", str(out)]
+    run = subprocess.run(export, capture_output=True, text=True)
     assert run.returncode != 0 and "already exists" in run.stderr and "Traceback" not in run.stderr
