@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,11 +131,38 @@ def load_model(
             f"could not load model {spec!r} {where}: {first}; check the name/path (and network access for hub ids)"
         ) from exc
     get_adapter(getattr(config, "model_type", None))
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+    load_kwargs = {**kwargs, **_compressed_tensors_loader(config)}
+    try:
+        with warnings.catch_warnings():  # "quantization_config passed and in the checkpoint": intended
+            warnings.simplefilter("ignore", UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **load_kwargs)
+    except (RuntimeError, ValueError, ImportError) as exc:  # e.g. a quantized checkpoint transformers cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if "quantization_config" not in load_kwargs and _compressed_tensors_groups(config) > 1:
+            hint = " (transformers reads mixed compressed-tensors files with zero points neither way; README)"
+        raise ModelLoadError(f"transformers could not load the weights of {spec}: {first}{hint}") from exc
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     model.eval()
     model.lowbit_source = source.identity  # what an artifact made from it names as its source
     return LoadedModel(model, tokenizer, source)
+
+
+def _compressed_tensors_groups(config) -> int:
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: {})()
+    return len(qc.get("config_groups") or {}) if qc.get("quant_method") == "compressed-tensors" else 0
+
+
+def _compressed_tensors_loader(config) -> dict:
+    """transformers (5.24) reads a compressed-tensors file with one format best by dequantizing it
+    at load time (its default path cannot read zero points); a mixed file only through its default
+    path (dequantizing applies the first format to every layer). README: compressed-tensors."""
+    if _compressed_tensors_groups(config) != 1:
+        return {}
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def source_identity(model: nn.Module) -> str | None:
