@@ -14,7 +14,7 @@ import torch
 from conftest import make_tiny_model
 
 import lowbit
-from lowbit.errors import ArtifactError, FormatError, LowbitError
+from lowbit.errors import ArtifactError, FormatError, LowbitError, ModelLoadError
 from lowbit.formats import IntFormat
 from lowbit.layers import quantized_layers
 from lowbit.recipe import GPTQSettings, Recipe
@@ -185,6 +185,9 @@ def test_export_refusals_name_the_layer_and_what_would_do(tmp_path):
         export_compressed_tensors(tmp_path / "ok-art", tmp_path / "exists")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+    export_compressed_tensors(tmp_path / "ok-art", tmp_path / "no-tokenizer")  # saved without one
+    with pytest.raises(ModelLoadError, match=r"could not load the tokenizer of .*no-tokenizer \(.*\); put the source"):
+        lowbit.load_model(tmp_path / "no-tokenizer")
 
 
 def test_cli_quantizes_for_the_target_exports_and_lowbit_loads_the_export(tmp_path, tiny_model_dir):

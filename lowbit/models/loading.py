@@ -142,7 +142,13 @@ def load_model(
         if "quantization_config" not in load_kwargs and _compressed_tensors_groups(config) > 1:
             hint = " (transformers reads mixed compressed-tensors files with zero points neither way; README)"
         raise ModelLoadError(f"transformers could not load the weights of {spec}: {first}{hint}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load the tokenizer of {spec} ({first}); put the source model's tokenizer files beside it"
+        ) from exc
     model.eval()
     model.lowbit_source = source.identity  # what an artifact made from it names as its source
     return LoadedModel(model, tokenizer, source)
