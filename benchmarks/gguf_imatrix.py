@@ -65,7 +65,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--files",
+        help="comma-separated subset of the files, e.g. Q4_K_M,Q4_0-imatrix (default: all; scores are cached in --work)",
+    )
     args = ap.parse_args()
+    files = FILES
+    if args.files:
+        wanted = args.files.split(",")
+        files = [(q, i) for q, i in FILES if f"{q}{'-imatrix' if i else ''}" in wanted]
     args.work.mkdir(parents=True, exist_ok=True)
     src = resolve_model_source("smollm2-135m")
     f32 = args.work / "smollm2-f32.gguf"
@@ -78,7 +86,7 @@ def main() -> None:
         subprocess.run([*cmd, "--chunks", "128", "-c", "512", "-t", "2"], check=True, capture_output=True)
     params = sum(int(t.n_elements) for t in GGUFReader(str(f32)).tensors)
     rows = []
-    for qtype, use_imatrix in FILES:
+    for qtype, use_imatrix in files:
         tag = f"llama-{qtype}{'-imatrix' if use_imatrix else ''}"
         path = args.work / f"{tag}.gguf"
         if not path.exists():
