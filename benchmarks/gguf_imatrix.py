@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
         "--files",
-        help="comma-separated subset of the files, e.g. Q4_K_M,Q4_0-imatrix (default: all; scores are cached in --work)",
+        help="comma-separated subset, e.g. Q4_K_M,Q4_0-imatrix (default: all; scores are cached in --work)",
     )
     args = ap.parse_args()
     files = FILES
