@@ -37,9 +37,10 @@ RUNS = {
     "int4-g32": ["--bits", "4", "--group-size", "32"],
     "int8-channel": ["--bits", "8", "--group-size", "channel"],
 }
-# 4.25 bpw is exactly int4-g64's size on smollm2 under this target (groups of 128 do not divide its
-# rows), where the default allocator returns the uniform int4-g64 plan; 4.5 bpw is a budget it mixes
-BUDGETS = {"bits4.25": 4.25, "bits4.5": 4.5}
+# 4.25 and 4.5 bpw are exactly int4-g64's and int4-g32's sizes on smollm2 under this target (groups
+# of 128 do not divide its rows): there the default allocator returns that uniform plan. 4.75 bpw
+# is a budget it mixes.
+BUDGETS = {"bits4.25": 4.25, "bits4.5": 4.5, "bits4.75": 4.75}
 # a budget's candidates: symmetric grids whose groups divide smollm2's rows
 BUDGET_CANDIDATES = [IntFormat(b, g, True) for b, g in ((3, 64), (4, 64), (4, 32), (5, 64), (6, 64), (8, 64))]
 
