@@ -7,11 +7,13 @@ complete, so an interrupted save never leaves something that looks whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,28 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output path {out} is a file; choose a directory for --out")
     return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A hidden temporary directory beside `out`, renamed to `out` (replacing it) when the block
+    ends without error and removed otherwise: an interrupted write never looks complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, torch.Tensor], list]:
@@ -95,11 +119,7 @@ def save(
     if info is None:
         raise LowbitError("this model is not quantized; run lowbit.quantize(model, ...) before save")
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         tensors, tied = _packed_state(model, info)
         # one metadata key only: safetensors writes metadata in hash-map order, so with two keys
         # the same tensors gave files that differed byte for byte from run to run
@@ -147,16 +167,6 @@ def save(
         if budget:  # mixed precision: show the plan at a glance
             title = f"{budget['allocator']} plan: {budget['achieved_bpw']:.3f} bpw (budget {budget['bpw']})"
             plan_heatmap(info.layers, tmp / "plan.png", title)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

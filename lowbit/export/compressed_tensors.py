@@ -28,8 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lowbit.artifact import MANIFEST, WEIGHTS, read_manifest, verify
-from lowbit.errors import ArtifactError, FormatError
+from lowbit.artifact import MANIFEST, WEIGHTS, check_output_dir, read_manifest, staged_dir, verify
+from lowbit.errors import FormatError
 from lowbit.formats import Format, format_from_dict
 from lowbit.formats.packing import pack_codes, unpack_codes
 from lowbit.models.adapters import get_adapter
@@ -196,11 +196,7 @@ def export_compressed_tensors(
     (a temporary directory, renamed when complete); refused if `out` exists, unless `overwrite`.
     Returns the directory and notes on what engines will not run well (kernel_warnings,
     loader_notes)."""
-    artifact, out = Path(artifact), Path(out)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"output directory {out} already exists; pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output path {out} is a file; choose a directory for --out")
+    artifact, out = Path(artifact), check_output_dir(out, overwrite)
     manifest = read_manifest(artifact)
     verify(artifact, manifest)
     check_artifact_fits(manifest)
@@ -229,24 +225,10 @@ def export_compressed_tensors(
     config["torch_dtype"] = storage
     config["dtype"] = storage
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for p in artifact.iterdir():
             if p.is_file() and p.name not in _NOT_COPIED:
                 shutil.copy2(p, tmp / p.name)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, loader_notes(manifest) + kernel_warnings(manifest)
