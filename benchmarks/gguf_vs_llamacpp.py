@@ -10,8 +10,10 @@ Q4_1 and Q5_1 contain smollm2's own grid, protocol.md: not a quality comparison.
 lowbit's files: `lowbit quantize smollm2-135m --target gguf --size S` (GPTQ; the budget's plan
 over the default candidates Q4_0/IQ4_NL/Q5_0/Q8_0 per tensor, the embedding F16 or one of them)
 with S chosen so that the exported GGUF is no larger than llama.cpp's file of that type, then
-`lowbit export`; and the uniform `--bits 4 --target gguf` (Q4_0) and `--format iq4_nl
---target gguf`. Results land in WORK and a finished step is not repeated.
+`lowbit export`; lowbit at a given file size (`bytes:N`: the exported GGUF at most N bytes, for
+llama-quantize's files measured by gguf_imatrix.py); and the uniform `--bits 4 --target gguf`
+(Q4_0) and `--format iq4_nl --target gguf`. Results land in WORK and a finished step is not
+repeated.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/gguf_vs_llamacpp.py --work /tmp/gguf-bench
 """
@@ -85,14 +87,20 @@ def main() -> None:
     ap.add_argument(
         "--runs",
         default="Q8_0,Q5_0,Q4_0,bits4,iq4_nl",
-        help="lowbit's runs, in this order: a llama.cpp type (lowbit at that file's size), bits4, iq4_nl",
+        help="lowbit's runs, in this order: a llama.cpp type (lowbit at that file's size), bytes:N (lowbit's "
+        "GGUF at most N bytes), bits4, iq4_nl",
+    )
+    ap.add_argument(
+        "--llama-types",
+        default=",".join(TYPES),
+        help="llama.cpp's files to build and score (comma-separated; empty for none)",
     )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = resolve_model_source("smollm2-135m")
     source = Path(src.path) / src.gguf_file
     rows = []
-    for qtype in TYPES:
+    for qtype in [t for t in args.llama_types.split(",") if t]:
         path = args.work / f"llama-{qtype}.gguf"
         if not path.exists():
             llama_file(source, qtype, path)
@@ -101,23 +109,32 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     fixed = _fixed_bytes()
     runs = {  # tag: (label, options)
-        q: (f"lowbit size<=llama {q}", ["--size", str(_budget(args.work / f"llama-{q}.gguf", fixed))]) for q in SIZED
+        q: (f"lowbit size<=llama {q}", ["--size", str(_budget(args.work / f"llama-{q}.gguf", fixed))])
+        for q in SIZED
+        if q in args.runs.split(",")
     }
+    for tag in args.runs.split(","):
+        if tag.startswith("bytes:"):
+            limit = int(tag.split(":")[1])
+            runs[tag] = (f"lowbit size<={limit / 1e6:.2f} MB", ["--size", str(fixed + limit - _overhead(source))])
     runs["bits4"] = ("lowbit --bits 4 (Q4_0 linears, F16 embedding)", ["--bits", "4"])
     runs["iq4_nl"] = ("lowbit --format iq4_nl (IQ4_NL linears, F16 embedding)", ["--format", "iq4_nl"])
     for tag in args.runs.split(","):
         label, options = runs[tag]
-        art, out = args.work / f"lowbit-{tag}", args.work / f"lowbit-{tag}.gguf"
+        name = tag.replace(":", "-")
+        art, out = args.work / f"lowbit-{name}", args.work / f"lowbit-{name}.gguf"
         if not out.exists():
             cmd = [args.lowbit, "quantize", "smollm2-135m", "--target", "gguf", *options, "--out", str(art)]
             cmd += ["--measurements", str(args.work / "measurements.json"), "--overwrite", "--json"]
             stdout, wall, rss = timed(cmd)
-            (args.work / f"lowbit-{tag}.quantize.json").write_text(
+            (args.work / f"lowbit-{name}.quantize.json").write_text(
                 json.dumps({**json.loads(stdout), "command_seconds": wall, "peak_rss_mb": rss})
             )
             subprocess.run([args.lowbit, "export", str(art), "--to", "gguf", "--out", str(out)], check=True)
-        q = json.loads((args.work / f"lowbit-{tag}.quantize.json").read_text())
-        ev = score(args.lowbit, out, args.work / f"lowbit-{tag}.json")
+        if tag.startswith("bytes:") and out.stat().st_size > int(tag.split(":")[1]):
+            sys.exit(f"{out} is {out.stat().st_size} bytes, over the {tag} limit: raise _overhead's margin")
+        q = json.loads((args.work / f"lowbit-{name}.quantize.json").read_text())
+        ev = score(args.lowbit, out, args.work / f"lowbit-{name}.json")
         row = {
             "file": label,
             "bytes": out.stat().st_size,
@@ -163,6 +180,14 @@ def _budget(llama_gguf: Path, fixed_bytes: int) -> int:
     lowbit's file then holds no more tensor data than llama.cpp's."""
     reader = GGUFReader(str(llama_gguf))
     return fixed_bytes + sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2)
+
+
+def _overhead(source: Path, margin: int = 4096) -> int:
+    """What a GGUF of smollm2 holds besides its 2-D tensors (metadata, tokenizer, F32 norms),
+    measured on the source file, plus `margin` for lowbit's few extra keys and per-tensor
+    alignment padding (64 bytes and under 1 KB measured at Q4_0's size)."""
+    reader = GGUFReader(str(source))
+    return source.stat().st_size - sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2) + margin
 
 
 def _fixed_bytes() -> int:
