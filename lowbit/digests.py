@@ -7,12 +7,16 @@ import hashlib
 import torch
 from torch import nn
 
+from lowbit.models.lazy import lazy_weights
+
 
 def model_digest(model: nn.Module) -> str:
     """Config plus the first few tensors (embedding, first block): cheap, and distinct per checkpoint."""
+    lazy = lazy_weights(model)
     h = hashlib.sha256(model.config.to_json_string().encode())
-    for p in list(model.parameters())[:4]:
-        h.update(p.detach().float().cpu().numpy().tobytes())
+    for name, p in list(model.named_parameters())[:4]:
+        t = lazy.tensor(model, name) if lazy is not None else p  # the same digest, whole or lazy
+        h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:24]
 
 

@@ -25,6 +25,7 @@ from lowbit.digests import model_digest
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, format_from_dict
 from lowbit.models.adapters import ArchAdapter, linear_weight
+from lowbit.models.lazy import load_block, load_rest
 from lowbit.modules import set_module
 from lowbit.recipe import GPTQSettings, RTNSettings
 from lowbit.records import layer_record
@@ -66,6 +67,7 @@ def execute(
     linears = {n: f for n, f in plan.quantized.items() if n not in table_names}
     if isinstance(solver, RTNSettings):
         _execute_rtn(model, linears, solver, result, progress)
+        load_rest(model)
         return result
     if windows is None:
         raise LowbitError("GPTQ needs calibration windows")
@@ -75,6 +77,7 @@ def execute(
         checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(model, windows, linears, solver))
     result.stats = walk(model, adapter, windows, client, solver.batch_size, checkpoint, resume, progress, on_block_done)
     result.layers.update(client.layers)
+    load_rest(model)  # a lazy model's tensors no pass reached (norms of resumed blocks, float layers)
     return result
 
 
@@ -82,6 +85,7 @@ def _execute_rtn(
     model: nn.Module, plan: dict[str, Format], solver: RTNSettings, result: Execution, progress: bool
 ) -> None:
     for name, fmt in tqdm(plan.items(), desc="quantizing (rtn)", disable=not progress):
+        load_block(model, name + ".")
         module = model.get_submodule(name)
         w = linear_weight(module).detach().float()
         qt = fmt.quantize_tensor(w, clip_search=solver.clip_search)
@@ -108,6 +112,7 @@ class GPTQExecution:
     change, are the next block's inputs (saves a pass; Block.corrected_outputs checks it holds)."""
 
     desc = "GPTQ blocks"
+    releases_blocks = False
     outputs_hint = " after quantization; try more bits, a larger damping (--damp) or float32 compute"
 
     def __init__(self, adapter: ArchAdapter, plan: dict[str, Format], settings: GPTQSettings) -> None:

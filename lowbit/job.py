@@ -21,6 +21,7 @@ from lowbit.artifact import check_output_dir, read_manifest, save
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalSettings, cached_reference, evaluate_against
 from lowbit.models import load_model
+from lowbit.models.lazy import lazy_weights
 from lowbit.quantize import peak_rss_mb, quantize
 from lowbit.recipe import Recipe
 
@@ -77,12 +78,20 @@ def quantize_to_artifact(
         shutil.rmtree(work)
     if resume and not has_resume_state(out):
         logger.warning("nothing to resume; starting from the first block")
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    # blocks stay on disk until the passes reach them, unless a refinement runs the whole model anyway
+    lazy = recipe.budget is None or recipe.budget.refine_seconds == 0
+    loaded = load_model(model, trust_remote_code=trust_remote_code, lazy=lazy)
     windows = reference = None
     if evaluation is not None:  # the float model's predictions, before it is quantized in place
         windows = evaluation.windows(loaded.tokenizer)
         fingerprint = loaded.source.fingerprint()
-        reference = cached_reference(fingerprint, windows, lambda: loaded.model, evaluation.batch_size, progress)
+
+        def float_model() -> nn.Module:  # a lazy model's float reference: the model loaded whole, once
+            if lazy_weights(loaded.model) is None:
+                return loaded.model
+            return load_model(model, trust_remote_code=trust_remote_code).model
+
+        reference = cached_reference(fingerprint, windows, float_model, evaluation.batch_size, progress)
     quantized = quantize(
         loaded.model,
         recipe,

@@ -26,6 +26,7 @@ from lowbit.dtypes import DTYPES
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
 from lowbit.execute import execute
 from lowbit.models.adapters import get_adapter
+from lowbit.models.lazy import lazy_weights, load_rest
 from lowbit.models.loading import source_identity
 from lowbit.recipe import Recipe
 from lowbit.records import QuantizationInfo
@@ -75,6 +76,8 @@ def quantize(
     work = Path(checkpoint_dir) if checkpoint_dir is not None else None
     with torch.no_grad():
         round_parameters(model, DTYPES[recipe.storage_dtype])
+        if recipe.budget is not None and recipe.budget.refine_seconds > 0:
+            load_rest(model)  # the refinement runs the whole model on every plan it scores
         plan = _plan(model, adapter, recipe, targets, windows, tokenizer, measurements, work, resume, progress)
         done = execute(
             model,
@@ -153,25 +156,41 @@ def _check_context(model: nn.Module, windows: torch.Tensor) -> None:
 
 
 def check_finite(model: nn.Module) -> None:
-    """Refuse NaN/Inf weights up front, naming the tensor, before any output exists."""
+    """Refuse NaN/Inf weights up front, naming the tensor, before any output exists. A lazy
+    model's blocks are checked as they are read (a NaN in block 20 stops the run there)."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise NonFiniteWeightError(
-                f"weight {name} contains NaN or Inf; the model file is damaged, re-download or re-convert it"
-            )
+        if not p.is_meta:
+            _check_finite(name, p)
 
 
 def round_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Round every float parameter through the storage dtype first, so that calibration
-    sees the unquantized tensors exactly as the artifact will hold them."""
+    sees the unquantized tensors exactly as the artifact will hold them (a lazy model's
+    blocks: as they are read)."""
     for name, p in model.named_parameters():
-        rounded = p.data.to(dtype)
-        if not torch.isfinite(rounded).all():
-            raise NonFiniteWeightError(
-                f"weight {name} has values beyond the range of {str(dtype).removeprefix('torch.')}; "
-                "store unquantized tensors in a wider type: --storage-dtype float32 (or bfloat16)"
-            )
-        p.data = rounded.to(p.dtype)
+        if not p.is_meta:
+            p.data = _rounded(name, p.data, dtype)
+    lazy = lazy_weights(model)
+    if lazy is not None:
+        lazy.prepare = lambda name, t: _rounded(name, _check_finite(name, t), dtype)
+
+
+def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise NonFiniteWeightError(
+            f"weight {name} contains NaN or Inf; the model file is damaged, re-download or re-convert it"
+        )
+    return t
+
+
+def _rounded(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rounded = t.to(dtype)
+    if not torch.isfinite(rounded).all():
+        raise NonFiniteWeightError(
+            f"weight {name} has values beyond the range of {str(dtype).removeprefix('torch.')}; "
+            "store unquantized tensors in a wider type: --storage-dtype float32 (or bfloat16)"
+        )
+    return rounded.to(t.dtype)
 
 
 def peak_rss_mb() -> float:

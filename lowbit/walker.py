@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import CheckpointError, NonFiniteActivationError
 from lowbit.models.adapters import ArchAdapter, decoder_blocks
+from lowbit.models.lazy import lazy_weights
 
 # keyword arguments of a block call that only matter for generation caches
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "use_cache", "output_attentions")
@@ -348,6 +349,7 @@ class BlockClient(Protocol):
 
     desc: str  # progress bar label
     outputs_hint: str  # appended to the error when a block's outputs are not finite
+    releases_blocks: bool  # a lazy model's float block goes back to disk once processed (the model is unchanged)
 
     def process(self, block: Block) -> list[torch.Tensor]:
         """Do the pass's work on `block`; return the next block's inputs."""
@@ -377,7 +379,10 @@ def walk(
     """Take `client` through every decoder block of `model` on the calibration `windows`.
 
     With `checkpoint`, the state after every block is saved there; `resume=True` continues
-    from it. `on_block_done(i)` is called once block i is committed (tests interrupt runs with it)."""
+    from it. `on_block_done(i)` is called once block i is committed (tests interrupt runs with it).
+
+    A lazy model (models/lazy.py) has each block's tensors read when the walk reaches it; a client
+    that `releases_blocks` has them freed again after it, so one float block is held at a time."""
     stats = WalkStats(calibration_tokens=int(windows.numel()))
     t_start = time.perf_counter()
     blocks = decoder_blocks(model, adapter)
@@ -385,7 +390,11 @@ def walk(
     def block(i: int, inputs: list[torch.Tensor]) -> Block:
         return Block(i, blocks[i], f"{adapter.blocks}.{i}.", inputs, calls, stats)
 
+    lazy = lazy_weights(model)
+    prefix = [f"{adapter.blocks}.{i}." for i in range(len(blocks))]
     t0 = time.perf_counter()
+    if lazy is not None:  # capture calls block 0 once, to learn what a block returns
+        lazy.load(model, prefix[0])
     calls = capture_block_calls(model, adapter, windows, batch_size)
     stats.capture = time.perf_counter() - t0
 
@@ -397,12 +406,18 @@ def walk(
         client.restore(state["client"], [(block(i, []), checkpoint.load_tensors(i)) for i in range(start)])
         inputs = checkpoint.load_inputs(start)
         stats.resumed_blocks = start
+        if lazy is not None and client.releases_blocks and start > 0:
+            lazy.release(model, prefix[0])
         stats.checkpoint += time.perf_counter() - t0
 
     bar = tqdm(total=len(blocks), initial=start, desc=client.desc, disable=not progress, unit="block")
     for i in range(start, len(blocks)):
+        if lazy is not None:
+            lazy.load(model, prefix[i])
         current = block(i, inputs)
         outputs = client.process(current)
+        if lazy is not None and client.releases_blocks:
+            lazy.release(model, prefix[i])
         for x in outputs:
             if not torch.isfinite(x).all():
                 raise NonFiniteActivationError(

@@ -109,6 +109,7 @@ class _MeasurementPass:
     """Walker client: float blocks, every wanted layer solved with every candidate."""
 
     desc = "measuring"
+    releases_blocks = True
     outputs_hint = "; the float model overflows on this data: compute in float32 or check the calibration text"
 
     def __init__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import warnings
@@ -14,6 +15,7 @@ from torch import nn
 
 from lowbit.errors import ModelLoadError
 from lowbit.models.adapters import get_adapter
+from lowbit.models.lazy import INDEX
 
 # alias -> (python package that ships it, file inside the package, install hint)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -106,8 +108,14 @@ def load_model(
     spec: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Load a model and tokenizer in `dtype` (float32 on CPUs), ready for evaluation."""
+    """Load a model and tokenizer in `dtype` (float32 on CPUs), ready for evaluation.
+
+    With `lazy`, a local safetensors folder or GGUF file is built on the meta device and its
+    decoder blocks are read only when a pass reaches them (models/lazy.py): for quantizing models
+    larger than memory. A checkpoint lazy loading cannot map (another naming, .bin weights, a
+    quantized checkpoint) loads whole, as without it."""
     source = resolve_model_source(spec)
     if source.kind == "artifact":
         from lowbit.artifact import load  # local import: artifact imports this module
@@ -132,10 +140,12 @@ def load_model(
         ) from exc
     get_adapter(getattr(config, "model_type", None))
     load_kwargs = {**kwargs, **_compressed_tensors_loader(config)}
+    model = _lazy_model(source, config, dtype, trust_remote_code) if lazy else None
     try:
         with warnings.catch_warnings():  # "quantization_config passed and in the checkpoint": intended
             warnings.simplefilter("ignore", UserWarning)
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **load_kwargs)
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **load_kwargs)
     except (RuntimeError, ValueError, ImportError) as exc:  # e.g. a quantized checkpoint transformers cannot read
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ""
@@ -152,6 +162,25 @@ def load_model(
     model.eval()
     model.lowbit_source = source.identity  # what an artifact made from it names as its source
     return LoadedModel(model, tokenizer, source)
+
+
+def _lazy_model(source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module | None:
+    """The model with its blocks left on disk, or None where it must load whole."""
+    from lowbit.models.lazy import GGUFStore, SafetensorsStore, build_lazy
+
+    if getattr(config, "quantization_config", None) is not None:
+        return None
+    if source.kind == "gguf":
+        store_for = lambda model: GGUFStore(Path(source.path, source.gguf_file), model)  # noqa: E731
+    elif source.kind == "dir" and (any(Path(source.path).glob("*.safetensors")) or Path(source.path, INDEX).exists()):
+        store = SafetensorsStore(source.path)  # a missing shard is named here, before anything slow
+        store_for = lambda model: store  # noqa: E731
+    else:
+        return None
+    model = build_lazy(config, store_for, dtype, trust_remote_code)
+    if model is None:
+        logging.getLogger(__name__).info("%s: names do not map for lazy loading; loading it whole", source.path)
+    return model
 
 
 def _compressed_tensors_groups(config) -> int:

@@ -1,0 +1,255 @@
+"""Models whose decoder blocks stay on disk until a pass reaches them.
+
+A lazy model is transformers' own module tree built on the meta device (no memory), with the
+tables, the final norm and the head loaded at once and every decoder block's tensors read only
+when the block walker arrives: from safetensors shards (just that block's tensors, the file
+mapping closed again after) or from a GGUF (just those tensors dequantized). Passes that only
+look at a block (the measurement pass) hand its float tensors back afterwards; GPTQ replaces
+them with packed layers. Peak memory is then the tables, one float block, the calibration
+activations and the packed model so far, instead of the whole float model.
+
+The tensors are the ones transformers' eager loading would put in the model, bit for bit
+(same files, same name mapping, same dtype conversion); tests compare both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lowbit.errors import ModelLoadError
+
+INDEX = "model.safetensors.index.json"
+
+
+class TensorStore(Protocol):
+    """Where a lazy model's tensors come from, by the model's own parameter names."""
+
+    def names(self) -> set[str]: ...
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, read in one go (a store may open its files once per call)."""
+
+
+class SafetensorsStore:
+    """A Hugging Face checkpoint folder: one model.safetensors, or shards listed by an index."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"{index} is unreadable ({exc}); re-download the checkpoint") from exc
+            for shard in sorted(set(weight_map.values())):
+                if not (self.folder / shard).is_file():
+                    raise ModelLoadError(
+                        f"shard {shard} listed in {index} is missing; re-download the checkpoint's missing file"
+                    )
+            self.files = weight_map
+            self._check_index()  # headers only: a damaged index is refused before anything slow
+        else:
+            self.files = {}
+            for file in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(file), "pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), file.name))
+        self._names = set(self.files)
+
+    def names(self) -> set[str]:
+        return self._names
+
+    def _check_index(self) -> None:
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(self.folder / file), "pt") as f:
+                held = set(f.keys())
+            for name in names:
+                if name not in held:
+                    raise ModelLoadError(
+                        f"{self.folder / INDEX} places tensor {name} in {file}, which does not hold it; "
+                        "the checkpoint is damaged: re-download it"
+                    )
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        with ExitStack() as stack:
+            for file, wanted in by_file.items():
+                f = stack.enter_context(safe_open(str(self.folder / file), "pt"))
+                for name in wanted:
+                    out[name] = f.get_tensor(name)
+        return out
+
+
+class GGUFStore:
+    """A GGUF file, read through transformers' own name mapping and tensor processors (the q/k
+    row permutation of llama-family files is undone exactly as its eager loader does)."""
+
+    def __init__(self, file: str | Path, model: nn.Module) -> None:
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
+
+        self.file = str(file)
+        # one reader for the store's life: parsing a vocabulary's metadata takes seconds. Its file
+        # mapping keeps the pages read resident (file-backed, reclaimable): at most the file's size.
+        self.reader = GGUFReader(self.file)
+        arch = read_field(self.reader, "general.architecture")[0]
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
+        self.mapping = get_gguf_hf_weights_map(model, self.processor)
+        self.tensors = {self.mapping[t.name]: t for t in self.reader.tensors if t.name in self.mapping}
+        self._names = set(self.tensors)
+
+    def names(self) -> set[str]:
+        return self._names
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        from gguf import dequantize
+
+        out = {}
+        for name in names:
+            t = self.tensors[name]
+            result = self.processor.process(
+                weights=dequantize(t.data, t.tensor_type), name=t.name, tensor_key_mapping=self.mapping
+            )
+            if result.name != t.name:
+                raise ModelLoadError(f"{self.file}: tensor {t.name} needs renaming, which lazy loading does not do")
+            out[name] = torch.from_numpy(np.copy(result.weights))
+        return out
+
+
+@dataclass
+class LazyWeights:
+    """The store behind a lazy model, and what to do to every tensor read from it.
+
+    `prepare(name, tensor)` runs on each tensor as it arrives (quantize sets it to its finite
+    check and storage-dtype rounding, which an eager model gets once for all tensors)."""
+
+    store: TensorStore
+    prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    def tensor(self, model: nn.Module, name: str) -> torch.Tensor:
+        """Parameter `name` as it would be installed, without installing it."""
+        param = model.get_parameter(name)
+        if not param.is_meta:
+            return param.data
+        return self._ready(name, self._read([_stored_name(self.store, [name])])[0], param)
+
+    def load(self, model: nn.Module, prefix: str = "") -> int:
+        """Install every parameter under `prefix` that is still on the meta device; returns how many."""
+        groups = _meta_groups(model, prefix)
+        if not groups:
+            return 0
+        stored = [_stored_name(self.store, names) for names in groups]
+        tensors = self._read(stored)
+        for names, key, tensor in zip(groups, stored, tensors, strict=True):
+            param = model.get_parameter(names[0])
+            new = nn.Parameter(self._ready(key, tensor, param), requires_grad=False)
+            for name in names:  # tied names share the one new parameter
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._parameters[leaf] = new
+        return len(groups)
+
+    def release(self, model: nn.Module, prefix: str) -> None:
+        """Put the float parameters under `prefix` back on the meta device, freeing them."""
+        module = model.get_submodule(prefix.rstrip("."))
+        for sub in module.modules():
+            for leaf, p in list(sub._parameters.items()):
+                if p is not None and not p.is_meta:
+                    sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def _read(self, names: list[str]) -> list[torch.Tensor]:
+        tensors = self.store.read(names)
+        return [tensors[n] for n in names]
+
+    def _ready(self, name: str, tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ModelLoadError(
+                f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, the model's config says "
+                f"{tuple(param.shape)}; the checkpoint and its config.json do not match"
+            )
+        tensor = tensor.to(param.dtype)
+        return self.prepare(name, tensor) if self.prepare is not None else tensor
+
+
+def lazy_weights(model: nn.Module) -> LazyWeights | None:
+    """The lazy store behind `model`, or None for a model held whole in memory."""
+    return getattr(model, "lowbit_lazy", None)
+
+
+def load_block(model: nn.Module, prefix: str) -> None:
+    """Make the tensors under `prefix` present (a no-op for an eager model)."""
+    lazy = lazy_weights(model)
+    if lazy is not None:
+        lazy.load(model, prefix)
+
+
+def load_rest(model: nn.Module) -> None:
+    """Make every tensor still on disk present: the model is whole afterwards."""
+    load_block(model, "")
+
+
+def build_lazy(config, store_for: Callable[[nn.Module], TensorStore], dtype: torch.dtype, trust_remote_code: bool):
+    """transformers' model for `config` on the meta device, its tables and head loaded; None when
+    the checkpoint's names do not cover the model's parameters (then load it eagerly)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    store = store_for(model)
+    held = store.names()
+    groups = _meta_groups(model, "")
+    missing = [names[0] for names in groups if not any(n in held for n in names)]
+    if len(missing) == len(groups):  # another naming (an older export, a base model): transformers maps it
+        return None
+    if missing:
+        raise ModelLoadError(f"the checkpoint holds no tensor {missing[0]}; it is incomplete: re-download it")
+    model.lowbit_lazy = LazyWeights(store)
+    blocks = _blocks_prefix(model)
+    outside = [n for n, _ in model.named_parameters() if not n.startswith(blocks)]
+    for name in outside:
+        model.lowbit_lazy.load(model, name)
+    return model.eval()
+
+
+def _blocks_prefix(model: nn.Module) -> str:
+    from lowbit.models.adapters import get_adapter
+
+    return get_adapter(model.config.model_type).blocks + "."
+
+
+def _meta_groups(model: nn.Module, prefix: str) -> list[list[str]]:
+    """Names of the meta parameters under `prefix`, one list per parameter (tied names together)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.is_meta:
+            groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if any(n == prefix or n.startswith(prefix) for n in names)]
+
+
+def _stored_name(store: TensorStore, names: list[str]) -> str:
+    held = store.names()
+    for name in names:
+        if name in held:
+            return name
+    raise ModelLoadError(f"the checkpoint holds no tensor {names[0]}; it is incomplete: re-download it")
