@@ -72,6 +72,23 @@ def _add_eval_options(p: argparse.ArgumentParser, legacy: str) -> None:
     p.add_argument("--batch-size", dest="eval_batch_size", type=int, help=argparse.SUPPRESS)
 
 
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    from lowbit.devices import DEVICE_CHOICES, DTYPE_CHOICES
+
+    p.add_argument(
+        "--device",
+        default="auto",
+        help=f"where to compute: {DEVICE_CHOICES} (default auto: a GPU when torch sees one, else the CPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="the model's compute dtype (default auto: float32 on a CPU, bfloat16 on a GPU that has it, else "
+        "float16); Hessians and solver updates are float32 whatever it is",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description="Quantize LLMs to a size you choose and measure what it cost.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -207,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow model code from the hub (off by default: it runs arbitrary code)",
     )
     q.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    q.add_argument(
+        "--lazy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read each decoder block from the checkpoint only when it is quantized, so the float model need "
+        "not fit in memory (default on; --no-lazy loads the whole model first)",
+    )
+    _add_compute_options(q)
     _add_eval_options(q, legacy="quantize")
 
     e = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement of a model")
@@ -222,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch (default): lowbit's own runtime; llama.cpp: score a .gguf file with llama.cpp itself "
         "(through xllamacpp; the reference defaults to the model lowbit exported it from)",
     )
+    _add_compute_options(e)
     _add_eval_options(e, legacy="eval")
 
     x = sub.add_parser(
@@ -319,6 +345,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         measurements=args.measurements,
         evaluation=evaluation if args.eval else None,
         trust_remote_code=args.trust_remote_code,
+        device=args.device,
+        dtype=args.dtype,
+        lazy=args.lazy,
     )
     m = done.manifest
     budget = m["settings"].get("budget")
@@ -369,19 +398,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.devices import cast_parameters, resolve_device, resolve_dtype
     from lowbit.eval import default_reference, evaluate
     from lowbit.models import load_model
 
     settings = _eval_settings(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if args.engine == "llama.cpp":
         from lowbit.eval.llamacpp import open_gguf
 
+        if args.device != "auto" or args.dtype != "auto":
+            raise LowbitError(
+                "--device and --dtype apply to lowbit's runtime; llama.cpp picks its own (--engine torch)"
+            )
         model, tokenizer, source = open_gguf(args.model, settings.seqlen)
+        device = None
         manifest = None
     else:
-        loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        loaded = load_model(args.model, dtype, trust_remote_code=args.trust_remote_code)
         if loaded.tokenizer is None:
             raise LowbitError(f"{args.model} has no tokenizer files; re-create the artifact with lowbit quantize")
+        if loaded.source.kind == "artifact":
+            cast_parameters(loaded.model, dtype)
         model, tokenizer = loaded.model, loaded.tokenizer
         source = default_reference(model)
         manifest = getattr(model, "lowbit_manifest", None)
@@ -394,6 +433,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         protocol=settings.protocol,
         seqlen=settings.seqlen,
         batch_size=settings.batch_size,
+        device=device,
+        dtype=dtype,
     )
     if args.engine == "llama.cpp":
         model.close()

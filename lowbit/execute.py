@@ -55,9 +55,11 @@ def execute(
     resume: bool = False,
     progress: bool = True,
     on_block_done=None,
+    device: torch.device | None = None,
 ) -> Execution:
     """Quantize what `plan` names; GPTQ needs the calibration `windows`, and with
-    `checkpoint_dir` resumes an interrupted run (`resume=True`) from the state kept there."""
+    `checkpoint_dir` resumes an interrupted run (`resume=True`) from the state kept there.
+    With `device`, the solving runs there (the walker's blocks, RTN's layers one at a time)."""
     result = Execution()
     for table in tables:
         fmt = plan.formats.get(table.name)
@@ -66,7 +68,7 @@ def execute(
     table_names = {t.name for t in tables}
     linears = {n: f for n, f in plan.quantized.items() if n not in table_names}
     if isinstance(solver, RTNSettings):
-        _execute_rtn(model, linears, solver, result, progress)
+        _execute_rtn(model, linears, solver, result, progress, device)
         load_rest(model)
         return result
     if windows is None:
@@ -75,22 +77,31 @@ def execute(
     checkpoint = None
     if checkpoint_dir is not None:
         checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(model, windows, linears, solver))
-    result.stats = walk(model, adapter, windows, client, solver.batch_size, checkpoint, resume, progress, on_block_done)
+    result.stats = walk(
+        model, adapter, windows, client, solver.batch_size, checkpoint, resume, progress, on_block_done, device
+    )
     result.layers.update(client.layers)
     load_rest(model)  # a lazy model's tensors no pass reached (norms of resumed blocks, float layers)
     return result
 
 
 def _execute_rtn(
-    model: nn.Module, plan: dict[str, Format], solver: RTNSettings, result: Execution, progress: bool
+    model: nn.Module,
+    plan: dict[str, Format],
+    solver: RTNSettings,
+    result: Execution,
+    progress: bool,
+    device: torch.device | None,
 ) -> None:
     for name, fmt in tqdm(plan.items(), desc="quantizing (rtn)", disable=not progress):
         load_block(model, name + ".")
         module = model.get_submodule(name)
         w = linear_weight(module).detach().float()
+        home = w.device
+        w = w.to(device or home)
         qt = fmt.quantize_tensor(w, clip_search=solver.clip_search)
         err = ((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
-        set_module(model, name, QuantizedLinear.from_quantized(qt, module.bias))
+        set_module(model, name, QuantizedLinear.from_quantized(qt, module.bias).to(home))
         result.layers[name] = layer_record(fmt, qt.shape, weight_rel_mse=err)
 
 

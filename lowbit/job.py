@@ -18,10 +18,10 @@ from typing import Any
 from torch import nn
 
 from lowbit.artifact import check_output_dir, read_manifest, save
+from lowbit.devices import resolve_device, resolve_dtype
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalSettings, cached_reference, evaluate_against
 from lowbit.models import load_model
-from lowbit.models.lazy import lazy_weights
 from lowbit.quantize import peak_rss_mb, quantize
 from lowbit.recipe import Recipe
 
@@ -59,6 +59,9 @@ def quantize_to_artifact(
     evaluation: EvalSettings | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    lazy: bool = True,
 ) -> QuantizeResult:
     """Load `model`, quantize it by `recipe`, optionally evaluate it against the float model
     (`evaluation`), and write the artifact `out` (refused if it exists, unless `overwrite`).
@@ -66,8 +69,15 @@ def quantize_to_artifact(
     The run keeps its state beside `out` after every block; if it is interrupted, the same call
     with `resume=True` continues from there. Without `resume`, finished blocks left by an
     interrupted run are refused (`overwrite` discards them), so they are never lost silently.
-    The state is removed once the artifact is written."""
+    The state is removed once the artifact is written.
+
+    The work runs on `device` in `dtype` (auto: a GPU when there is one; float32 on a CPU).
+    With `lazy` (the default), decoder blocks are read from the checkpoint only when a pass
+    reaches them, so the float model need not fit in memory (a refinement, which runs the whole
+    model on every plan it scores, loads it whole)."""
     check_output_dir(out, overwrite)
+    compute = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, compute)
     work = resume_dir(out)
     if work.exists() and not resume:
         if not overwrite:
@@ -78,20 +88,15 @@ def quantize_to_artifact(
         shutil.rmtree(work)
     if resume and not has_resume_state(out):
         logger.warning("nothing to resume; starting from the first block")
-    # blocks stay on disk until the passes reach them, unless a refinement runs the whole model anyway
-    lazy = recipe.budget is None or recipe.budget.refine_seconds == 0
-    loaded = load_model(model, trust_remote_code=trust_remote_code, lazy=lazy)
+    lazy = lazy and (recipe.budget is None or recipe.budget.refine_seconds == 0)
+    loaded = load_model(model, compute_dtype, trust_remote_code=trust_remote_code, lazy=lazy)
     windows = reference = None
     if evaluation is not None:  # the float model's predictions, before it is quantized in place
         windows = evaluation.windows(loaded.tokenizer)
         fingerprint = loaded.source.fingerprint()
-
-        def float_model() -> nn.Module:  # a lazy model's float reference: the model loaded whole, once
-            if lazy_weights(loaded.model) is None:
-                return loaded.model
-            return load_model(model, trust_remote_code=trust_remote_code).model
-
-        reference = cached_reference(fingerprint, windows, float_model, evaluation.batch_size, progress)
+        reference = cached_reference(
+            fingerprint, windows, lambda: loaded.model, evaluation.batch_size, progress, device=compute
+        )
     quantized = quantize(
         loaded.model,
         recipe,
@@ -100,10 +105,13 @@ def quantize_to_artifact(
         checkpoint_dir=work if recipe.needs_calibration else None,
         resume=resume,
         progress=progress,
+        device=compute,
     )
     result = None
     if evaluation is not None:
+        quantized.to(compute)
         result = evaluate_against(quantized, windows, reference, evaluation, progress, desc="quantized model")
+        quantized.to("cpu")
     quantized.lowbit_info.stats["peak_rss_mb"] = peak_rss_mb()  # evaluation included
     path = save(quantized, out, loaded.tokenizer, overwrite=overwrite, evaluation=result)
     shutil.rmtree(work, ignore_errors=True)

@@ -22,6 +22,7 @@ from torch import nn
 from lowbit.allocate.plan import Plan, Targets, allocate, find_targets
 from lowbit.allocate.sensitivity import measurements_for
 from lowbit.data import calibration_data
+from lowbit.devices import resolve_device
 from lowbit.dtypes import DTYPES
 from lowbit.errors import DataError, LowbitError, NonFiniteWeightError
 from lowbit.execute import execute
@@ -43,6 +44,7 @@ def quantize(
     resume: bool = False,
     progress: bool = True,
     on_block_done=None,
+    device: str | torch.device | None = None,
     **options: Any,
 ) -> nn.Module:
     """Quantize `model` in place by `recipe` (or by the flat `options` of Recipe.build, e.g.
@@ -54,7 +56,8 @@ def quantize(
     same model, calibration and candidates. With `checkpoint_dir`, the measurement pass and
     the GPTQ pass keep their state there after every block, and `resume=True` continues an
     interrupted run from it, to exactly the same result. `on_block_done(i)` is called after
-    the GPTQ pass commits block i.
+    the GPTQ pass commits block i. With `device` (auto, cpu, cuda, cuda:N, mps) the blocks are
+    solved there one at a time; the model stays where it is and comes back packed.
 
     Unquantized tensors (norms, biases, embeddings kept in float) are rounded to the recipe's
     storage dtype first, so that calibration sees them exactly as the artifact will hold them."""
@@ -65,8 +68,9 @@ def quantize(
     elif options:
         raise LowbitError(f"give a recipe or options ({', '.join(options)}), not both")
     t0 = time.perf_counter()
+    compute = None if device is None else resolve_device(device)
     adapter = get_adapter(model.config.model_type)
-    check_finite(model)
+    check_finite(model, DTYPES[recipe.storage_dtype], progress)
     targets = find_targets(model, adapter, recipe)
     windows = None
     if recipe.needs_calibration:
@@ -78,7 +82,7 @@ def quantize(
         round_parameters(model, DTYPES[recipe.storage_dtype])
         if recipe.budget is not None and recipe.budget.refine_seconds > 0:
             load_rest(model)  # the refinement runs the whole model on every plan it scores
-        plan = _plan(model, adapter, recipe, targets, windows, tokenizer, measurements, work, resume, progress)
+        plan = _plan(model, adapter, recipe, targets, windows, tokenizer, measurements, work, resume, progress, compute)
         done = execute(
             model,
             adapter,
@@ -90,11 +94,20 @@ def quantize(
             resume,
             progress,
             on_block_done,
+            compute,
         )
     settings = recipe.settings()
     if plan.budget is not None:
         settings["budget"] = plan.budget
-    stats: dict[str, Any] = {"quantize_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+    stats: dict[str, Any] = {
+        "quantize_seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+        "compute": {
+            "device": str(compute or next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "lazy": lazy_weights(model) is not None,
+        },
+    }
     if done.stats is not None:
         stats["pipeline"] = done.stats.to_dict()
     model.lowbit_info = QuantizationInfo(
@@ -110,7 +123,9 @@ def quantize(
     return model
 
 
-def _plan(model, adapter, recipe: Recipe, targets: Targets, windows, tokenizer, path, work, resume, progress) -> Plan:
+def _plan(
+    model, adapter, recipe: Recipe, targets: Targets, windows, tokenizer, path, work, resume, progress, device
+) -> Plan:
     """The uniform plan, or a budget's: measurements (from `path` or a fresh pass), then the allocator."""
     budget = recipe.budget
     if budget is None:
@@ -130,6 +145,7 @@ def _plan(model, adapter, recipe: Recipe, targets: Targets, windows, tokenizer, 
         checkpoint_dir=None if work is None else work / "measure",
         resume=resume,
         progress=progress,
+        device=device,
     )
     held_out = _held_out_windows(tokenizer, recipe, windows, budget.refine_windows) if refine else None
     plan = allocate(model, recipe, targets, meas, windows, held_out, progress)
@@ -155,12 +171,17 @@ def _check_context(model: nn.Module, windows: torch.Tensor) -> None:
         )
 
 
-def check_finite(model: nn.Module) -> None:
-    """Refuse NaN/Inf weights up front, naming the tensor, before any output exists. A lazy
-    model's blocks are checked as they are read (a NaN in block 20 stops the run there)."""
+def check_finite(model: nn.Module, storage: torch.dtype | None = None, progress: bool = False) -> None:
+    """Refuse NaN/Inf weights (and, given the `storage` dtype, weights beyond its range) up
+    front, naming the tensor, before any output exists. A lazy model's tensors are read for it
+    module by module (one read of the checkpoint, in the memory of one module)."""
     for name, p in model.named_parameters():
         if not p.is_meta:
             _check_finite(name, p)
+    lazy = lazy_weights(model)
+    if lazy is not None:
+        check = (lambda n, t: _rounded(n, _check_finite(n, t), storage)) if storage is not None else _check_finite
+        lazy.scan(model, check, progress)
 
 
 def round_parameters(model: nn.Module, dtype: torch.dtype) -> None:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.devices import to_device
 from lowbit.errors import CheckpointError, NonFiniteActivationError
 from lowbit.models.adapters import ArchAdapter, decoder_blocks
 from lowbit.models.lazy import lazy_weights
@@ -318,9 +319,9 @@ class Checkpoint:
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], inputs: list[torch.Tensor], state: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
         self._atomic(self.path / f"block_{index}.safetensors", lambda p: save_file(tensors, str(p)))
-        nxt = {f"batch_{b}": x.contiguous() for b, x in enumerate(inputs)}
+        nxt = {f"batch_{b}": x.cpu().contiguous() for b, x in enumerate(inputs)}
         self._atomic(self.path / f"inputs_{index + 1}.safetensors", lambda p: save_file(nxt, str(p)))
         state = {"key": self.key, "blocks_done": index + 1, "client": state}
         self._atomic(self.state_file, lambda p: p.write_text(json.dumps(state, indent=1)))
@@ -375,6 +376,7 @@ def walk(
     resume: bool = False,
     progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> WalkStats:
     """Take `client` through every decoder block of `model` on the calibration `windows`.
 
@@ -382,7 +384,9 @@ def walk(
     from it. `on_block_done(i)` is called once block i is committed (tests interrupt runs with it).
 
     A lazy model (models/lazy.py) has each block's tensors read when the walk reaches it; a client
-    that `releases_blocks` has them freed again after it, so one float block is held at a time."""
+    that `releases_blocks` has them freed again after it, so one float block is held at a time.
+    With `device`, each block is moved there for its work (with the activations, which stay
+    there) and back to the model's device after it, packed: one block on the device at a time."""
     stats = WalkStats(calibration_tokens=int(windows.numel()))
     t_start = time.perf_counter()
     blocks = decoder_blocks(model, adapter)
@@ -396,6 +400,13 @@ def walk(
     if lazy is not None:  # capture calls block 0 once, to learn what a block returns
         lazy.load(model, prefix[0])
     calls = capture_block_calls(model, adapter, windows, batch_size)
+    home = next(model.parameters()).device
+    device = home if device is None else device
+    if device != home:  # everything a block is called with, on the compute device once
+        moved: dict[int, torch.Tensor] = {}
+        calls.first_inputs = to_device(calls.first_inputs, device, moved)
+        calls.args = to_device(calls.args, device, moved)
+        calls.kwargs = to_device(calls.kwargs, device, moved)
     stats.capture = time.perf_counter() - t0
 
     start, inputs = 0, calls.first_inputs
@@ -404,7 +415,7 @@ def walk(
         state = checkpoint.read_state()
         start = int(state["blocks_done"])
         client.restore(state["client"], [(block(i, []), checkpoint.load_tensors(i)) for i in range(start)])
-        inputs = checkpoint.load_inputs(start)
+        inputs = [x.to(device) for x in checkpoint.load_inputs(start)]
         stats.resumed_blocks = start
         if lazy is not None and client.releases_blocks and start > 0:
             lazy.release(model, prefix[0])
@@ -415,7 +426,9 @@ def walk(
         if lazy is not None:
             lazy.load(model, prefix[i])
         current = block(i, inputs)
+        current.module.to(device)
         outputs = client.process(current)
+        current.module.to(home)
         if lazy is not None and client.releases_blocks:
             lazy.release(model, prefix[i])
         for x in outputs:

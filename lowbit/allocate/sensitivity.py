@@ -152,7 +152,7 @@ class _MeasurementPass:
                 recs[name]["costs"].append(fmt.storage_bits(*w.shape))
                 recs[name]["errors"].append(hessian_weighted_error((w - deq).double(), h.double()))
                 if self.keep_weights:
-                    solved[name].append(deq.to(torch.float16))
+                    solved[name].append(deq.to(torch.float16).cpu())
         for name, rec in recs.items():
             self.result.layers[block.prefix + name] = rec
             if self.keep_weights:
@@ -205,6 +205,7 @@ def measure(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_block_done=None,
+    device: torch.device | None = None,
 ) -> Measurements:
     """Solve every layer in `layers` (full names) with every candidate; the model is not changed.
 
@@ -227,7 +228,7 @@ def measure(
     if checkpoint_dir is not None:
         key = _pass_key(digest, windows, layers, candidates, settings, keep_weights)
         checkpoint = Checkpoint(checkpoint_dir, key)
-    walk(model, adapter, windows, client, settings.batch_size, checkpoint, resume, progress, on_block_done)
+    walk(model, adapter, windows, client, settings.batch_size, checkpoint, resume, progress, on_block_done, device)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -261,6 +262,7 @@ def measurements_for(
     resume: bool = False,
     progress: bool = True,
     on_block_done=None,
+    device: torch.device | None = None,
 ) -> tuple[Measurements, bool]:
     """The measurements from `path` when it holds this model's, calibration's and candidates'
     (refused, naming the mismatch, when it holds another's); otherwise measured, and saved to
@@ -287,6 +289,7 @@ def measurements_for(
         checkpoint_dir,
         resume,
         on_block_done,
+        device,
     )
     if path is not None:
         meas.save(path)

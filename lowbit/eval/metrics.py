@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.data import QUICK_WINDOWS, eval_windows, load_text, tokenize
+from lowbit.devices import resolve_device
 from lowbit.errors import LowbitError
 from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference
 from lowbit.models import load_model, resolve_model_source
@@ -46,6 +47,14 @@ class EvalSettings:
         return eval_windows(tokenize(tokenizer, load_text(self.data)), self.seqlen, PROTOCOLS[self.protocol])
 
 
+def _device_of(model) -> torch.device:
+    """Where `model` computes (the CPU for what is not a module, e.g. a cached reference)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
 def protocol_windows(tokenizer, data: str = "wikitext2", protocol: str = "quick", seqlen: int = 512):
     return EvalSettings(data, protocol, seqlen).windows(tokenizer)
 
@@ -65,8 +74,11 @@ def evaluate_windows(
     nll_sum = kld_sum = 0.0
     agree = count = 0
     start = time.perf_counter()
+    device = _device_of(model)
+    if reference is not None:
+        reference = reference.to(device)
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress):
-        batch = windows[i : i + batch_size]
+        batch = windows[i : i + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         logp = F.log_softmax(logits, dim=-1)
         del logits
@@ -125,16 +137,28 @@ def evaluate(
     seqlen: int = 512,
     batch_size: int = 4,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Evaluate `model` on `data` windows (quick: first 64; full: all).
 
     `reference` may be a float model, a ReferenceCache, or a model spec whose
-    predictions are cached on disk (LOWBIT_CACHE_DIR) for later evaluations.
+    predictions are cached on disk (LOWBIT_CACHE_DIR) for later evaluations; a spec's model is
+    read block by block (models/lazy.py), so it need not fit in memory. With `device`, both
+    run there (the model moves for the evaluation and back).
     """
     settings = EvalSettings(data, protocol, seqlen, batch_size)
+    compute = None if device is None else resolve_device(device)
     windows = settings.windows(tokenizer)
-    ref = resolve_reference(reference, windows, batch_size, progress)
-    return evaluate_against(model, windows, ref, settings, progress)
+    ref = resolve_reference(reference, windows, batch_size, progress, compute, dtype)
+    if compute is None:
+        return evaluate_against(model, windows, ref, settings, progress)
+    home = _device_of(model)
+    model.to(compute)
+    try:
+        return evaluate_against(model, windows, ref, settings, progress)
+    finally:
+        model.to(home)
 
 
 def evaluate_against(
@@ -168,11 +192,30 @@ def default_reference(model: nn.Module) -> str | None:
 
 
 def resolve_reference(
-    reference, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+    reference,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ReferenceCache | None:
+    """The reference's predictions on `windows`: a model's computed, a spec's from the cache or
+    computed block by block (the spec loaded lazily, in `dtype`, on `device`)."""
     if reference is None or isinstance(reference, ReferenceCache):
         return reference
     if isinstance(reference, nn.Module):
-        return build_reference(reference, windows, batch_size, progress)
+        return build_reference(reference, windows, batch_size, progress, device)
     source = resolve_model_source(reference)
-    return cached_reference(source.fingerprint(), windows, lambda: load_model(reference).model, batch_size, progress)
+    return cached_reference(
+        _dtype_keyed(source.fingerprint(), dtype),
+        windows,
+        lambda: load_model(reference, dtype, lazy=True).model,
+        batch_size,
+        progress,
+        device,
+    )
+
+
+def _dtype_keyed(fingerprint: str, dtype: torch.dtype) -> str:
+    """A reference computed in another dtype is another reference (float32 keeps the old keys)."""
+    return fingerprint if dtype == torch.float32 else f"{fingerprint}|{str(dtype).removeprefix('torch.')}"

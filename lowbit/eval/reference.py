@@ -20,6 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.models.adapters import decoder_blocks, get_adapter
+from lowbit.models.lazy import lazy_weights
+from lowbit.walker import Block, walk
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LOWBIT_CACHE_DIR", Path.home() / ".cache" / "lowbit"))
@@ -37,6 +41,10 @@ class ReferenceCache:
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
+
+    def to(self, device: torch.device) -> ReferenceCache:
+        bias = None if self.head_bias is None else self.head_bias.to(device)
+        return ReferenceCache(self.hidden.to(device), self.head_weight.to(device), bias, self.softcap)
 
     @property
     def num_windows(self) -> int:
@@ -68,15 +76,27 @@ def _softcap(model: nn.Module) -> float | None:
 
 @torch.no_grad()
 def build_reference(
-    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    device: torch.device | None = None,
 ) -> ReferenceCache:
-    """Run the reference model once over `windows`, keeping the output head's inputs."""
+    """Run the reference model once over `windows`, keeping the output head's inputs. A lazy
+    model (one whose blocks are on disk) runs block by block over all windows, one float block
+    in memory at a time; with `device`, the blocks (or the whole model) compute there."""
     head = model.get_output_embeddings()
     captured: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda _m, args, _o: captured.append(args[0].detach().float()))
+    hook = head.register_forward_hook(lambda _m, args, _o: captured.append(args[0].detach().float().cpu()))
     try:
-        for i in tqdm(range(0, len(windows), batch_size), desc="reference model", disable=not progress):
-            model(windows[i : i + batch_size], use_cache=False)
+        if lazy_weights(model) is not None:
+            _forward_by_blocks(model, windows, batch_size, progress, device)
+        else:
+            home = next(model.parameters()).device
+            model.to(device or home)
+            for i in tqdm(range(0, len(windows), batch_size), desc="reference model", disable=not progress):
+                model(windows[i : i + batch_size].to(device or home), use_cache=False)
+            model.to(home)
     finally:
         hook.remove()
     bias = head.bias.detach().float().clone() if getattr(head, "bias", None) is not None else None
@@ -96,8 +116,9 @@ def cached_reference(
     load_model_fn,
     batch_size: int = 4,
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> ReferenceCache:
-    """The reference for these windows from the disk cache, computing it on a miss."""
+    """The reference for these windows from the disk cache, computing it on a miss (on `device`)."""
     path = reference_cache_path(fingerprint, windows)
     if path.is_file():
         try:
@@ -106,6 +127,74 @@ def cached_reference(
                 return ref
         except Exception:  # a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
-    ref = build_reference(load_model_fn(), windows, batch_size, progress)
+    ref = build_reference(load_model_fn(), windows, batch_size, progress, device)
     ref.save(path, {"fingerprint": fingerprint, "windows": len(windows)})
     return ref
+
+
+class _FloatForward:
+    """Walker client: the float blocks' outputs, nothing changed; keeps the last block's."""
+
+    desc = "reference model (block by block)"
+    outputs_hint = "; the float model overflows on this data: compute in float32"
+    releases_blocks = True
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.outputs: list[torch.Tensor] = []
+        self.returns_tuple = False
+
+    def process(self, block: Block) -> list[torch.Tensor]:
+        outputs = block.run()
+        if block.index == self.last:
+            self.outputs, self.returns_tuple = outputs, block.calls.returns_tuple
+        return outputs
+
+    def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict, finished: list) -> None:
+        pass
+
+
+class _Replay(nn.Module):
+    """Stands in for the decoder blocks once their outputs are known: the first returns the last
+    block's output for the batch, the others pass it on, and the model's own code then applies
+    the final norm and the head."""
+
+    def __init__(self, block: nn.Module, outputs: list[torch.Tensor] | None, returns_tuple: bool) -> None:
+        super().__init__()
+        self.block = block  # model code may read attributes of its layers (e.g. attention_type)
+        self.outputs, self.returns_tuple, self.batch = outputs, returns_tuple, 0
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.outputs is not None:
+            hidden = self.outputs[self.batch].to(hidden.device)
+            self.batch += 1
+        return (hidden,) if self.returns_tuple else hidden
+
+
+def _forward_by_blocks(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool, device) -> None:
+    adapter = get_adapter(model.config.model_type)
+    blocks = decoder_blocks(model, adapter)
+    client = _FloatForward(len(blocks) - 1)
+    walk(model, adapter, windows, client, batch_size, progress=progress, device=device)
+    originals = list(blocks)
+    try:
+        for i in range(len(blocks)):
+            blocks[i] = _Replay(originals[i], client.outputs if i == 0 else None, client.returns_tuple)
+        for start in range(0, len(windows), batch_size):
+            model(windows[start : start + batch_size], use_cache=False)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block

@@ -168,6 +168,23 @@ class LazyWeights:
                 model.get_submodule(owner)._parameters[leaf] = new
         return len(groups)
 
+    def scan(self, model: nn.Module, visit: Callable[[str, torch.Tensor], object], progress: bool = True) -> None:
+        """Read every tensor still on disk, block by block, and show it to `visit` (which may
+        raise), without installing it: bad weights are found before any slow work, in the
+        memory of one block."""
+        from tqdm.auto import tqdm
+
+        blocks = _blocks_prefix(model)
+        by_block: dict[str, list[list[str]]] = {}
+        for names in _meta_groups(model, ""):
+            name = names[0]
+            key = blocks + name[len(blocks) :].split(".")[0] if name.startswith(blocks) else name
+            by_block.setdefault(key, []).append(names)
+        for part in tqdm(list(by_block.values()), desc="checking weights", disable=not progress):
+            stored = [_stored_name(self.store, names) for names in part]
+            for names, tensor in zip(part, self._read(stored), strict=True):
+                visit(names[0], tensor.to(model.get_parameter(names[0]).dtype))
+
     def release(self, model: nn.Module, prefix: str) -> None:
         """Put the float parameters under `prefix` back on the meta device, freeing them."""
         module = model.get_submodule(prefix.rstrip("."))
