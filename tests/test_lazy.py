@@ -10,12 +10,16 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import TINY_CONFIGS, make_tiny_model
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
 from lowbit.errors import ModelLoadError, NonFiniteWeightError
+from lowbit.eval import build_reference
+from lowbit.models.adapters import decoder_blocks, get_adapter
 from lowbit.models.lazy import lazy_weights
+from lowbit.models.loading import _lazy_model, resolve_model_source
 from lowbit.recipe import GPTQSettings
 
 WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -170,8 +174,6 @@ print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024}))
 def test_a_model_larger_than_its_peak_memory_quantizes(tmp_path, tiny_tokenizer):
     """A 4-block model of ~320 MB in bfloat16 (640 MB in float32 compute) is quantized lazily with
     its peak resident memory growing by less than half the file: one float block at a time."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.for_model(
         "llama",
         vocab_size=256,
@@ -206,3 +208,20 @@ def test_a_model_larger_than_its_peak_memory_quantizes(tmp_path, tiny_tokenizer)
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     assert rss["peak_mb"] - rss["before_mb"] < 0.5 * size_mb, (rss, size_mb)
     assert (tmp_path / "art" / "model.safetensors").stat().st_size < 0.4 * size_mb * 2**20
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_every_family_loads_lazily_and_its_reference_is_computed_block_by_block_bit_exact(tmp_path, arch):
+    path = tmp_path / arch
+    make_tiny_model(arch, layers=3).save_pretrained(path)
+    eager = AutoModelForCausalLM.from_pretrained(path).eval()
+    source = resolve_model_source(path)
+    lazy = _lazy_model(source, AutoConfig.from_pretrained(path), torch.float32, trust_remote_code=False)
+    assert lazy is not None and any(p.is_meta for p in lazy.parameters())
+    a = build_reference(eager, WINDOWS, batch_size=4, progress=False)
+    b = build_reference(lazy, WINDOWS, batch_size=4, progress=False)
+    assert torch.equal(a.hidden, b.hidden) and torch.equal(a.head_weight, b.head_weight)
+    assert all(p.is_meta for p in decoder_blocks(lazy, get_adapter(lazy.config.model_type)).parameters())
+    lazy_weights(lazy).load(lazy)
+    sa, sb = eager.state_dict(), lazy.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -84,3 +84,17 @@ def test_gguf_export_of_the_real_model_runs_in_llama_cpp_as_in_lowbit(smollm2, t
         for entry in top:
             theirs[entry["id"]] = entry["logprob"]
         assert (theirs.exp() * (theirs - ours[pos - 1])).nan_to_num().sum().item() < 0.01, pos
+
+
+def test_lazy_loading_of_the_gguf_gives_the_same_model_reference_and_rtn_artifact(smollm2, tmp_path):
+    """Blocks read from the GGUF on arrival (dequantized, q/k rows un-permuted by transformers'
+    own processor): the same tensors, the same reference block by block, the same RTN bytes."""
+    loaded, windows, ref = smollm2
+    lazy = load_model("smollm2-135m", lazy=True).model
+    assert sum(p.is_meta for p in lazy.parameters()) == 30 * 9  # every block tensor still on disk
+    assert torch.equal(build_reference(lazy, windows, batch_size=2, progress=False).hidden, ref.hidden)
+    files = []
+    for i, model in enumerate((copy.deepcopy(loaded.model), lazy)):
+        lowbit.quantize(model, bits=4, method="rtn", group_size=64, progress=False)
+        files.append((lowbit.save(model, tmp_path / f"q{i}", loaded.tokenizer) / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
