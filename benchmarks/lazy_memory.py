@@ -1,0 +1,142 @@
+"""Peak memory of quantizing with lazy, block-by-block weights (models/lazy.py) against loading
+the whole model first (`--no-lazy`), side by side in one run.
+
+Part `smollm2`: smollm2-135m, GPTQ int4 g128 on 128 x 512 C4 windows, no evaluation: wall time
+and peak RSS of the whole `lowbit quantize` command, lazy and whole, alternating.
+
+Part `big`: a randomly initialised Llama-architecture model (TinyLlama-1.1B's shape with
+smollm2's tokenizer: 22 blocks of width 2048, MLP 5632, vocabulary 49152, tied embedding) saved as
+bfloat16 safetensors shards, quantized lazily with RTN and with GPTQ on a few windows: its file
+size against the command's peak RSS, and the time per block.
+
+    LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/lazy_memory.py --work /tmp/lazy-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from foundation import timed  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "lazy_memory.json"
+BIG = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 49152,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+
+def make_big_model(folder: Path, shard_bytes: int = 1 << 30) -> int:
+    """The random model as bfloat16 shards with an index; returns the bytes of its weights."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lowbit
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    folder.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.for_model("llama", **BIG, dtype="bfloat16")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = [n for n in skeleton.state_dict() if n != "lm_head.weight"]
+    weight_map, shard, size, index, total = {}, {}, 0, 0, 0
+    gen = torch.Generator().manual_seed(0)
+
+    def flush() -> None:
+        nonlocal shard, size, index
+        if shard:
+            file = f"model-{index:05d}.safetensors"
+            save_file(shard, str(folder / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            shard, size, index = {}, 0, index + 1
+
+    for name in names:
+        shape = skeleton.get_parameter(name).shape
+        t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=gen) * 0.02
+        shard[name] = t.to(torch.bfloat16)
+        size += shard[name].numel() * 2
+        total += shard[name].numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_json))
+    config.save_pretrained(folder)
+    lowbit.load_model("smollm2-135m").tokenizer.save_pretrained(folder)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run(lowbit: str, args: list[str], out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    stdout, wall, rss = timed([lowbit, "quantize", *args, "--out", str(out), "--json"])
+    summary = json.loads(stdout)
+    manifest = json.loads((out / "lowbit_manifest.json").read_text())
+    pipeline = manifest["stats"].get("pipeline") or {}
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "args": args,
+        "command_seconds": wall,
+        "peak_rss_mb": rss,
+        "quantize_seconds": manifest["stats"]["quantize_seconds"],
+        "pipeline": pipeline,
+        "artifact_bytes": summary["artifact_bytes"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
+    ap.add_argument("--parts", default="smollm2,big", help="smollm2, big (comma-separated)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating lazy/whole pairs for smollm2")
+    ap.add_argument("--big-windows", type=int, default=8, help="GPTQ calibration windows (512 tokens) on the big model")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    if args.out.is_file():  # keep the other part's rows when one part is rerun
+        result = {**json.loads(args.out.read_text()), **result}
+    parts = args.parts.split(",")
+    if "smollm2" in parts:
+        gptq = ["smollm2-135m", "--bits", "4", "--group-size", "128"]
+        rows = []
+        for r in range(args.repeats):
+            for lazy in (True, False):
+                row = run(args.lowbit, [*gptq, "--lazy" if lazy else "--no-lazy"], args.work / "smollm2-art")
+                rows.append({"lazy": lazy, "repeat": r, **row})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "pipeline"}), flush=True)
+        result["smollm2"] = rows
+    if "big" in parts:
+        folder = args.work / "big-llama"
+        file_bytes = make_big_model(folder)
+        params = file_bytes // 2  # bfloat16
+        rows = []
+        for label, extra in (
+            ("rtn", ["--method", "rtn"]),
+            ("gptq", ["--nsamples", str(args.big_windows), "--calib-seqlen", "512"]),
+        ):
+            row = run(args.lowbit, [str(folder), "--bits", "4", "--group-size", "128", *extra], args.work / "big-art")
+            row["per_block_seconds"] = row["quantize_seconds"] / BIG["num_hidden_layers"]
+            row["rss_over_file"] = row["peak_rss_mb"] * 2**20 / file_bytes
+            rows.append({"run": label, "file_bytes": file_bytes, **row})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "pipeline"}), flush=True)
+        result["big"] = {"config": BIG, "file_bytes": file_bytes, "params": params, "runs": rows}
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
