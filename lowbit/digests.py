@@ -7,12 +7,10 @@ import hashlib
 import torch
 from torch import nn
 
-from lowbit.models.lazy import lazy_weights
-
 
 def model_digest(model: nn.Module) -> str:
     """Config plus the first few tensors (embedding, first block): cheap, and distinct per checkpoint."""
-    lazy = lazy_weights(model)
+    lazy = getattr(model, "lowbit_lazy", None)  # models/lazy.py; a leaf module does not import it
     h = hashlib.sha256(model.config.to_json_string().encode())
     for name, p in list(model.named_parameters())[:4]:
         t = lazy.tensor(model, name) if lazy is not None else p  # the same digest, whole or lazy

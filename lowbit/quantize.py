@@ -174,44 +174,65 @@ def _check_context(model: nn.Module, windows: torch.Tensor) -> None:
 def check_finite(model: nn.Module, storage: torch.dtype | None = None, progress: bool = False) -> None:
     """Refuse NaN/Inf weights (and, given the `storage` dtype, weights beyond its range) up
     front, naming the tensor, before any output exists. A lazy model's tensors are read for it
-    module by module (one read of the checkpoint, in the memory of one module)."""
+    block by block (one read of the checkpoint, in the memory of one block)."""
     for name, p in model.named_parameters():
         if not p.is_meta:
-            _check_finite(name, p)
+            _check_finite(name, p.data)
     lazy = lazy_weights(model)
     if lazy is not None:
-        check = (lambda n, t: _rounded(n, _check_finite(n, t), storage)) if storage is not None else _check_finite
+
+        def check(name: str, t: torch.Tensor) -> None:
+            _check_finite(name, t)
+            if storage is not None:
+                _rounded(name, t, storage, in_place=True)  # a throwaway read: rounding it costs nothing
+
         lazy.scan(model, check, progress)
 
 
 def round_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Round every float parameter through the storage dtype first, so that calibration
     sees the unquantized tensors exactly as the artifact will hold them (a lazy model's
-    blocks: as they are read)."""
+    blocks: as they are read). In place, a slice at a time: no float copy of a large table."""
     for name, p in model.named_parameters():
         if not p.is_meta:
-            p.data = _rounded(name, p.data, dtype)
+            rounded = _rounded(name, p.data, dtype, in_place=True)
+            if rounded is not p.data:  # a non-contiguous parameter was rounded into a copy
+                p.data = rounded
     lazy = lazy_weights(model)
     if lazy is not None:
-        lazy.prepare = lambda name, t: _rounded(name, _check_finite(name, t), dtype)
+        lazy.prepare = lambda name, t: _rounded(name, _check_finite(name, t), dtype, in_place=True)
+
+
+_SLICE = 1 << 22  # elements per slice of the checks and roundings: bounded temporaries
+
+
+def _slices(t: torch.Tensor) -> list[torch.Tensor]:
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+    return list(flat.split(_SLICE))
 
 
 def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if t.is_floating_point() and not all(torch.isfinite(part).all() for part in _slices(t)):
         raise NonFiniteWeightError(
             f"weight {name} contains NaN or Inf; the model file is damaged, re-download or re-convert it"
         )
     return t
 
 
-def _rounded(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    rounded = t.to(dtype)
-    if not torch.isfinite(rounded).all():
-        raise NonFiniteWeightError(
-            f"weight {name} has values beyond the range of {str(dtype).removeprefix('torch.')}; "
-            "store unquantized tensors in a wider type: --storage-dtype float32 (or bfloat16)"
-        )
-    return rounded.to(t.dtype)
+def _rounded(name: str, t: torch.Tensor, dtype: torch.dtype, in_place: bool = False) -> torch.Tensor:
+    """`t` rounded through `dtype` (into `t` itself with `in_place`), refused where it overflows."""
+    if not t.is_floating_point():
+        return t
+    out = t if in_place and t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+    for src, dst in zip(_slices(t), _slices(out), strict=True):
+        rounded = src.to(dtype)
+        if not torch.isfinite(rounded).all():
+            raise NonFiniteWeightError(
+                f"weight {name} has values beyond the range of {str(dtype).removeprefix('torch.')}; "
+                "store unquantized tensors in a wider type: --storage-dtype float32 (or bfloat16)"
+            )
+        dst.copy_(rounded)
+    return out
 
 
 def peak_rss_mb() -> float:
