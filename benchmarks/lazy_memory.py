@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
     ap.add_argument("--parts", default="smollm2,big", help="smollm2, big (comma-separated)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating lazy/whole pairs for smollm2")
+    ap.add_argument("--big-runs", default="rtn,gptq", help="the big model's runs: rtn, gptq (comma-separated)")
     ap.add_argument("--big-windows", type=int, default=8, help="GPTQ calibration windows (512 tokens) on the big model")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -129,6 +130,8 @@ def main() -> None:
             ("rtn", ["--method", "rtn"]),
             ("gptq", ["--nsamples", str(args.big_windows), "--calib-seqlen", "512"]),
         ):
+            if label not in args.big_runs.split(","):
+                continue
             row = run(args.lowbit, [str(folder), "--bits", "4", "--group-size", "128", *extra], args.work / "big-art")
             row["per_block_seconds"] = row["quantize_seconds"] / BIG["num_hidden_layers"]
             row["rss_over_file"] = row["peak_rss_mb"] * 2**20 / file_bytes

@@ -24,6 +24,7 @@ from lowbit.allocate.plan import Plan
 from lowbit.digests import model_digest
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, format_from_dict
+from lowbit.memory import trim
 from lowbit.models.adapters import ArchAdapter, linear_weight
 from lowbit.models.lazy import load_block, load_rest
 from lowbit.modules import set_module
@@ -103,6 +104,8 @@ def _execute_rtn(
         err = ((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
         set_module(model, name, QuantizedLinear.from_quantized(qt, module.bias).to(home))
         result.layers[name] = layer_record(fmt, qt.shape, weight_rel_mse=err)
+        del module, w, qt
+        trim()
 
 
 def _checkpoint_key(model: nn.Module, windows: torch.Tensor, plan: dict[str, Format], settings: GPTQSettings) -> str:

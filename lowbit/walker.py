@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lowbit.devices import to_device
 from lowbit.errors import CheckpointError, NonFiniteActivationError
+from lowbit.memory import trim
 from lowbit.models.adapters import ArchAdapter, decoder_blocks
 from lowbit.models.lazy import lazy_weights
 
@@ -431,6 +432,7 @@ def walk(
         current.module.to(home)
         if lazy is not None and client.releases_blocks:
             lazy.release(model, prefix[i])
+        trim()
         for x in outputs:
             if not torch.isfinite(x).all():
                 raise NonFiniteActivationError(

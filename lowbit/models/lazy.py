@@ -27,6 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lowbit.errors import ModelLoadError
+from lowbit.memory import trim
 
 INDEX = "model.safetensors.index.json"
 
@@ -184,6 +185,7 @@ class LazyWeights:
             stored = [_stored_name(self.store, names) for names in part]
             for names, tensor in zip(part, self._read(stored), strict=True):
                 visit(names[0], tensor.to(model.get_parameter(names[0]).dtype))
+            trim()
 
     def release(self, model: nn.Module, prefix: str) -> None:
         """Put the float parameters under `prefix` back on the meta device, freeing them."""
