@@ -82,7 +82,7 @@ def make_big_model(folder: Path, shard_bytes: int = 1 << 30) -> int:
 
 def run(lowbit: str, args: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    stdout, wall, rss = timed([lowbit, "quantize", *args, "--out", str(out), "--json"])
+    stdout, wall, rss = timed([lowbit, "quantize", *args, "--out", str(out), "--overwrite", "--json"])
     summary = json.loads(stdout)
     manifest = json.loads((out / "lowbit_manifest.json").read_text())
     pipeline = manifest["stats"].get("pipeline") or {}
