@@ -137,7 +137,8 @@ def main() -> None:
             row["rss_over_file"] = row["peak_rss_mb"] * 2**20 / file_bytes
             rows.append({"run": label, "file_bytes": file_bytes, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "pipeline"}), flush=True)
-        result["big"] = {"config": BIG, "file_bytes": file_bytes, "params": params, "runs": rows}
+            result["big"] = {"config": BIG, "file_bytes": file_bytes, "params": params, "runs": rows}
+            args.out.write_text(json.dumps(result, indent=1))  # after every run: the GPTQ one is long
     args.out.write_text(json.dumps(result, indent=1))
 
 
