@@ -2,7 +2,7 @@
 
 glibc's allocator keeps freed heap memory for reuse; after a block's float tensors and
 temporaries are freed it can hold hundreds of MB that no later block fits into exactly
-(measured: 0.4 GB of a 1.1 B-parameter RTN run, BENCHMARKS "Scale"). `malloc_trim` returns
+(~0.4 GB at the end of a 1.1 B-parameter RTN run, in a probe). `malloc_trim` returns
 the free pages; once per block it costs milliseconds. Elsewhere (macOS, musl) it is a no-op.
 """
 
