@@ -411,6 +411,7 @@ def walk(
     stats.capture = time.perf_counter() - t0
 
     start, inputs = 0, calls.first_inputs
+    calls.first_inputs = []  # held by `inputs` only: freed once block 0's outputs replace them
     if checkpoint is not None and resume and checkpoint.exists():
         t0 = time.perf_counter()
         state = checkpoint.read_state()
