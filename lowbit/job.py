@@ -21,6 +21,7 @@ from lowbit.artifact import check_output_dir, read_manifest, save
 from lowbit.devices import resolve_device, resolve_dtype
 from lowbit.errors import LowbitError
 from lowbit.eval import EvalSettings, cached_reference, evaluate_against
+from lowbit.eval.reference import reference_key
 from lowbit.models import load_model
 from lowbit.quantize import peak_rss_mb, quantize
 from lowbit.recipe import Recipe
@@ -93,7 +94,7 @@ def quantize_to_artifact(
     windows = reference = None
     if evaluation is not None:  # the float model's predictions, before it is quantized in place
         windows = evaluation.windows(loaded.tokenizer)
-        fingerprint = loaded.source.fingerprint()
+        fingerprint = reference_key(loaded.source.fingerprint(), compute_dtype)  # a bf16 reference is another
         reference = cached_reference(
             fingerprint, windows, lambda: loaded.model, evaluation.batch_size, progress, device=compute
         )

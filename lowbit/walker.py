@@ -72,21 +72,29 @@ class BlockCalls:
     returns_tuple: bool  # whether a block returns (hidden, ...) rather than hidden
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder block during capture: records its call, passes the hidden states on."""
+class StandIn(nn.Module):
+    """A module put in a decoder block's place for one pass over the model; attributes it does
+    not have are the block's (model code may read attributes of its layers, e.g. attention_type)."""
 
-    def __init__(self, block: nn.Module, index: int, last: int, calls: BlockCalls) -> None:
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
-        self.index = index
-        self.last = last
-        self.calls = calls
 
-    def __getattr__(self, name: str):  # model code may read attributes of its layers
+    def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
+
+
+class _Recorder(StandIn):
+    """Stands in for a decoder block during capture: records its call, passes the hidden states on."""
+
+    def __init__(self, block: nn.Module, index: int, last: int, calls: BlockCalls) -> None:
+        super().__init__(block)
+        self.index = index
+        self.last = last
+        self.calls = calls
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lowbit.data import QUICK_WINDOWS, eval_windows, load_text, tokenize
 from lowbit.devices import resolve_device
 from lowbit.errors import LowbitError
-from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference
+from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference, reference_key
 from lowbit.models import load_model, resolve_model_source
 
 PROTOCOLS = {"quick": QUICK_WINDOWS, "full": None}
@@ -207,15 +207,10 @@ def resolve_reference(
         return build_reference(reference, windows, batch_size, progress, device)
     source = resolve_model_source(reference)
     return cached_reference(
-        _dtype_keyed(source.fingerprint(), dtype),
+        reference_key(source.fingerprint(), dtype),
         windows,
         lambda: load_model(reference, dtype, lazy=True).model,
         batch_size,
         progress,
         device,
     )
-
-
-def _dtype_keyed(fingerprint: str, dtype: torch.dtype) -> str:
-    """A reference computed in another dtype is another reference (float32 keeps the old keys)."""
-    return fingerprint if dtype == torch.float32 else f"{fingerprint}|{str(dtype).removeprefix('torch.')}"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lowbit.models.adapters import decoder_blocks, get_adapter
 from lowbit.models.lazy import lazy_weights
-from lowbit.walker import Block, walk
+from lowbit.walker import Block, StandIn, walk
 
 
 def cache_dir() -> Path:
@@ -103,6 +103,12 @@ def build_reference(
     return ReferenceCache(torch.cat(captured), head.weight.detach().float().clone(), bias, _softcap(model))
 
 
+def reference_key(fingerprint: str, dtype: torch.dtype) -> str:
+    """What names a reference in the cache: the model, and the dtype it was computed in when that
+    is not float32 (float32 keeps the keys caches were made with)."""
+    return fingerprint if dtype == torch.float32 else f"{fingerprint}|{str(dtype).removeprefix('torch.')}"
+
+
 def reference_cache_path(fingerprint: str, windows: torch.Tensor) -> Path:
     h = hashlib.sha256()
     h.update(fingerprint.encode())
@@ -160,21 +166,14 @@ class _FloatForward:
         pass
 
 
-class _Replay(nn.Module):
+class _Replay(StandIn):
     """Stands in for the decoder blocks once their outputs are known: the first returns the last
     block's output for the batch, the others pass it on, and the model's own code then applies
     the final norm and the head."""
 
     def __init__(self, block: nn.Module, outputs: list[torch.Tensor] | None, returns_tuple: bool) -> None:
-        super().__init__()
-        self.block = block  # model code may read attributes of its layers (e.g. attention_type)
+        super().__init__(block)
         self.outputs, self.returns_tuple, self.batch = outputs, returns_tuple, 0
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
