@@ -3,11 +3,9 @@
 Under `--size` the whole weights file counts, and in small models the embedding is a large
 share of it (smollm2-135m: 28M of 135M weights, tied to the head). These tables are not in
 any decoder block, so GPTQ's block pipeline does not reach them: each is rounded (RTN with a
-per-group range search), and its candidates are scored by the error that rounding leaves,
-weighted per row by how often the calibration windows use that token. That is the
-Hessian-weighted error of an embedding lookup (its inputs are one-hot, so XᵀX is the
-diagonal of token counts), relative to the table's own weighted energy: the same `relative`
-units the linears' errors are compared in, so one knapsack can weigh both.
+per-group range search). Their candidates are scored by the KL divergence that rounding
+causes (allocate/kl_probe.py): scored by the lookup's weight error alone, a tied table looked
+as cheap to round as one more linear, when as the output head it is the dearest tensor.
 """
 
 from __future__ import annotations
@@ -22,9 +20,6 @@ from lowbit.modules import set_module
 from lowbit.records import layer_record
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
 
-# rows the calibration never shows still count a little: tokens unseen there occur elsewhere
-UNSEEN_TOKEN_WEIGHT = 0.1
-UNSEEN_SAMPLE = 2048
 CLIP_GRID = 20  # range-search steps per group; the tables are big, and 20 is within noise of 40
 
 
@@ -54,37 +49,8 @@ def find_tables(model: nn.Module) -> list[Table]:
     return tables
 
 
-def token_weights(windows: torch.Tensor, rows: int) -> torch.Tensor:
-    counts = torch.bincount(windows.reshape(-1).clamp(0, rows - 1), minlength=rows).float()
-    return counts + UNSEEN_TOKEN_WEIGHT
-
-
 def quantize_weight(weight: torch.Tensor, fmt: Format):
     return fmt.quantize_tensor(weight.detach().float(), clip_search=True, grid=CLIP_GRID)
-
-
-def table_errors(model: nn.Module, table: Table, candidates: list[Format], windows: torch.Tensor) -> list[float]:
-    """Row-weighted relative error of each candidate on `table`. Rounding is row-local, so the
-    rows the windows use are scored exactly and the unseen ones by a fixed sample of
-    UNSEEN_SAMPLE rows standing for all of them (a 50k-row table in seconds per candidate)."""
-    full = model.get_submodule(table.name).weight.detach().float()
-    weights = token_weights(windows, full.shape[0])
-    seen = torch.nonzero(weights > UNSEEN_TOKEN_WEIGHT).squeeze(1)
-    unseen = torch.nonzero(weights <= UNSEEN_TOKEN_WEIGHT).squeeze(1)
-    if unseen.numel() > UNSEEN_SAMPLE:
-        pick = torch.randperm(unseen.numel(), generator=torch.Generator().manual_seed(0))[:UNSEEN_SAMPLE]
-        stand_in = UNSEEN_TOKEN_WEIGHT * unseen.numel() / UNSEEN_SAMPLE
-        unseen = unseen[pick]
-        weights = weights.clone()
-        weights[unseen] = stand_in
-    idx = torch.cat([seen, unseen])
-    w, rows = full[idx], weights[idx]
-    energy = (rows * w.pow(2).sum(1)).sum().clamp_min(1e-30)
-    errors = []
-    for fmt in candidates:
-        diff = quantize_weight(w, fmt).dequantize() - w
-        errors.append(float((rows * diff.pow(2).sum(1)).sum() / energy))
-    return errors
 
 
 def quantize_table(model: nn.Module, table: Table, fmt: Format) -> dict:

@@ -1,5 +1,5 @@
 """Embedding and head as size-budget candidates: packed tables, shared buffers when tied,
-row-weighted errors, and artifacts that reload to the same logits."""
+errors scored by KL, and artifacts that reload to the same logits."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ import torch
 from conftest import make_tiny_model
 
 import lowbit
+from lowbit.allocate.kl_probe import probe_tables, probe_windows
 from lowbit.errors import BudgetError
+from lowbit.eval.metrics import evaluate_windows
+from lowbit.eval.reference import build_reference
 from lowbit.formats import IntFormat
+from lowbit.models.adapters import get_adapter, quantizable_linears
 from lowbit.recipe import GPTQSettings
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
-from lowbit.tables import find_tables, table_errors
+from lowbit.tables import find_tables, quantize_weight
 
 WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
 CANDIDATES = [IntFormat(b, 32) for b in (2, 3, 4, 8)]
@@ -41,21 +45,30 @@ def test_tables_are_found_tied_or_not_and_never_split_from_a_scaled_embedding():
     assert find_tables(make_tiny_model("gemma")) == []  # tied to Gemma's scaled embedding: both stay
 
 
-def test_table_errors_fall_with_more_bits_and_weigh_rows_by_token_use():
+def test_the_table_probe_scores_each_table_by_the_kl_its_rounding_causes_and_restores_the_model():
     model = make_tiny_model("llama")
-    (emb, _) = find_tables(model)
-    errs = table_errors(model, emb, CANDIDATES, WINDOWS)
-    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-3 < errs[0] < 1
-    # rows the windows never use barely count: spoiling them moves the error little
-    unused = torch.ones(256, dtype=torch.bool)
-    unused[WINDOWS.unique()] = False
-    assert unused.sum() > 0
-    spoiled = copy.deepcopy(model)
-    spoiled.model.embed_tokens.weight.data[unused] *= 50
-    again = table_errors(spoiled, emb, CANDIDATES, WINDOWS)
-    used = copy.deepcopy(model)
-    used.model.embed_tokens.weight.data[WINDOWS[0, 0]] *= 50
-    assert abs(again[1] - errs[1]) < abs(table_errors(used, emb, CANDIDATES, WINDOWS)[1] - errs[1])
+    tables = find_tables(model)
+    linears = [n for n, _ in quantizable_linears(model, get_adapter("llama"))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = probe_tables(model, linears, tables, CANDIDATES, WINDOWS, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # more bits, less error and less KL, for the linears together and for each table
+    assert probe.linear_error == sorted(probe.linear_error, reverse=True)
+    assert probe.linear_kl == sorted(probe.linear_kl, reverse=True) and probe.linear_kl[-1] < 1e-3
+    assert all(k > 0 for k in probe.kappa)
+    for t in tables:
+        kl = probe.table_kl[t.name]
+        assert kl == sorted(kl, reverse=True) and kl[-1] < 1e-3 < kl[0]
+    # the head's score is the KL of the model with only the head rounded, measured here on its own
+    head = next(t for t in tables if t.kind == "head")
+    rounded = copy.deepcopy(model)
+    w = rounded.lm_head.weight
+    w.data = quantize_weight(w.detach(), CANDIDATES[1]).dequantize()
+    windows = probe_windows(WINDOWS)
+    ref = build_reference(model, windows, progress=False)
+    alone = evaluate_windows(rounded, windows, ref, progress=False)["kld"]
+    assert probe.table_kl[head.name][1] == pytest.approx(alone, rel=1e-4)
+    assert probe.table_errors(head.name)[1] == pytest.approx(alone / probe.scale)
 
 
 def smallest_size(model, **kw) -> int:

@@ -226,6 +226,14 @@ def load_rest(model: nn.Module) -> None:
     load_block(model, "")
 
 
+def release_blocks(model: nn.Module) -> None:
+    """Put every decoder block of a lazy model back on disk (a no-op for an eager model)."""
+    lazy = lazy_weights(model)
+    if lazy is not None:
+        lazy.release(model, _blocks_prefix(model))
+        trim()
+
+
 def build_lazy(config, store_for: Callable[[nn.Module], TensorStore], dtype: torch.dtype, trust_remote_code: bool):
     """transformers' model for `config` on the meta device, its tables and head loaded; None when
     the checkpoint's names do not cover the model's parameters (then load it eagerly)."""

@@ -1,0 +1,181 @@
+"""KL probes that put the embedding/head tables' errors in the linears' units.
+
+The linears' measured errors are relative output errors (Measurements.weighted_errors); a
+table scored the same way (lowbit.tables.table_errors: the lookup's row-weighted error) looks
+as cheap to round as one more linear. It is not: a tied table is also the output head, whose
+error lands on the logits with nothing downstream to dilute it. On smollm2-135m's 93.5 MB plan
+the tied table at IQ4_NL gave KLD 0.116 where the same linears with the table at Q8_0 gave
+0.023, and the head role alone accounted for 0.105 of it (an ad hoc probe on 16 windows).
+
+So a size budget's tables are scored by what they do to the model's output. On a few
+calibration windows:
+
+1. one float forward gives the reference, and hooks on every planned linear record, for each
+   candidate, the relative output error its round-to-nearest weights would leave (the same
+   units the measurement pass records with GPTQ);
+2. one forward per candidate with every planned linear rounded to it gives the KL divergence
+   that error causes, so `kappa` = KL per unit of summed relative error, per candidate;
+3. one forward per candidate with only the table rounded (both of its roles when tied) gives
+   the table's KL, which divided by kappa is its error in the linears' units.
+
+Each probe is a forward pass over the whole model, so a model read block by block
+(models/lazy.py) is read whole first.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.eval.metrics import evaluate_windows
+from lowbit.eval.reference import build_reference
+from lowbit.formats import Format
+from lowbit.models.adapters import linear_weight
+from lowbit.models.lazy import lazy_weights, load_rest, release_blocks
+from lowbit.tables import Table, quantize_weight
+
+logger = logging.getLogger(__name__)
+
+PROBE_TOKENS = 2048  # positions scored per probe: 4 windows of 512
+
+
+@dataclass
+class TableProbe:
+    """What the probes measured: KL per unit of relative linear error, and each table's KL."""
+
+    kappa: list[float]  # per candidate: KL / summed relative error, all planned linears at it
+    linear_kl: list[float]  # per candidate: KL with every planned linear rounded to it
+    linear_error: list[float]  # per candidate: those linears' summed relative error
+    table_kl: dict[str, list[float]] = field(default_factory=dict)  # table -> KL of each candidate alone
+
+    @property
+    def scale(self) -> float:
+        """One KL-per-unit for every candidate: the median, robust to the noisy ends (Q8_0's KL
+        is near the probe's floor; the coarsest grid's compounds)."""
+        usable = [k for k in self.kappa if k > 0]
+        return statistics.median(usable) if usable else 1.0
+
+    def table_errors(self, table: str) -> list[float]:
+        """A table's candidate errors in the linears' relative units."""
+        return [kl / self.scale for kl in self.table_kl[table]]
+
+    def to_dict(self) -> dict:
+        return {
+            "kappa": self.kappa,
+            "scale": self.scale,
+            "linear_kl": self.linear_kl,
+            "linear_error": self.linear_error,
+            "table_kl": self.table_kl,
+        }
+
+
+def probe_windows(windows: torch.Tensor) -> torch.Tensor:
+    n = max(1, -(-PROBE_TOKENS // windows.shape[1]))
+    return windows[:n]
+
+
+@torch.no_grad()
+def probe_tables(
+    model: nn.Module,
+    linears: list[str],
+    tables: list[Table],
+    candidates: list[Format],
+    windows: torch.Tensor,
+    progress: bool = True,
+) -> TableProbe:
+    """Measure (see the module's docstring) on the first PROBE_TOKENS positions of `windows`."""
+    windows = probe_windows(windows)
+    reference = build_reference(model, windows, batch_size=1, progress=False)  # block by block when lazy
+    lazy = lazy_weights(model) is not None
+    if lazy:
+        logger.info("the table probe runs the whole model: reading its blocks into memory for it")
+        load_rest(model)
+    try:
+        return _probe(model, linears, tables, candidates, windows, reference, progress)
+    finally:
+        release_blocks(model)
+
+
+def _probe(model, linears, tables, candidates, windows, reference, progress) -> TableProbe:
+    modules = {n: model.get_submodule(n) for n in linears}
+    steps = 2 * len(candidates) + len(candidates) * len(tables) + 1
+    bar = tqdm(total=steps, desc="probing tables", disable=not progress)
+    errors = _relative_errors(model, modules, candidates, windows)
+    bar.update()
+
+    def kl() -> float:
+        out = evaluate_windows(model, windows, reference, batch_size=1, progress=False)["kld"]
+        bar.update()
+        return out
+
+    linear_kl = []
+    for fmt in candidates:
+        with _swapped({n: linear_weight(m) for n, m in modules.items()}, fmt, plain=True):
+            bar.update()
+            linear_kl.append(kl())
+    summed = [sum(e[j] for e in errors.values()) for j in range(len(candidates))]
+    kappa = [k / s if s > 0 else 0.0 for k, s in zip(linear_kl, summed, strict=True)]
+    probe = TableProbe(kappa, linear_kl, summed)
+    for table in tables:
+        weight = model.get_submodule(table.name).weight
+        scores = []
+        for fmt in candidates:
+            with _swapped({table.name: weight}, fmt, plain=False):
+                scores.append(kl())
+        probe.table_kl[table.name] = scores
+    bar.close()
+    logger.info("table probe: %s", probe.to_dict())
+    return probe
+
+
+def _relative_errors(
+    model: nn.Module, modules: dict[str, nn.Module], candidates: list[Format], windows: torch.Tensor
+) -> dict[str, list[float]]:
+    """Per linear and candidate: |X dWᵀ|² / |X Wᵀ|² over the windows, dW its round-to-nearest
+    error; the windows go through in one batch, so each rounding is computed once."""
+    errors: dict[str, list[float]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args, _out) -> None:
+            w = linear_weight(module).detach().float()
+            x = args[0].detach().float().reshape(-1, w.shape[1])
+            energy = (x @ w.t()).pow(2).sum().clamp_min(1e-30)
+            errors[name] = [
+                float((x @ (fmt.quantize_tensor(w).dequantize() - w).t()).pow(2).sum() / energy) for fmt in candidates
+            ]
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        model(windows, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return errors
+
+
+class _swapped:
+    """Weights replaced by their rounding to `fmt` (plain round-to-nearest for the linears; the
+    tables' own range search for a table, as it will be packed), put back on exit."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], fmt: Format, plain: bool) -> None:
+        self.weights, self.fmt, self.plain = weights, fmt, plain
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        for w in self.weights.values():
+            src = w.detach().float()
+            q = self.fmt.quantize_tensor(src) if self.plain else quantize_weight(src, self.fmt)
+            self.saved.append((w, w.detach().clone()))
+            w.data.copy_(q.dequantize().to(w.dtype))
+
+    def __exit__(self, *exc) -> None:
+        for w, original in self.saved:
+            w.data.copy_(original)
+        self.saved.clear()
