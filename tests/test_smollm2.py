@@ -10,6 +10,7 @@ from conftest import SHARED_DATA
 
 import lowbit
 from lowbit.data import eval_windows, load_text, tokenize
+from lowbit.digests import model_digest
 from lowbit.eval import build_reference, evaluate_windows, reference_perplexity
 from lowbit.models import load_model
 
@@ -92,6 +93,7 @@ def test_lazy_loading_of_the_gguf_gives_the_same_model_reference_and_rtn_artifac
     loaded, windows, ref = smollm2
     lazy = load_model("smollm2-135m", lazy=True).model
     assert sum(p.is_meta for p in lazy.parameters()) == 30 * 9  # every block tensor still on disk
+    assert model_digest(lazy) == model_digest(loaded.model)  # measurement files and caches carry over
     assert torch.equal(build_reference(lazy, windows, batch_size=2, progress=False).hidden, ref.hidden)
     files = []
     for i, model in enumerate((copy.deepcopy(loaded.model), lazy)):
