@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
+from lowbit.allocate.size import fixed_bytes
 from lowbit.errors import ModelLoadError, NonFiniteWeightError
 from lowbit.eval import build_reference
-from lowbit.models.adapters import decoder_blocks, get_adapter
+from lowbit.models.adapters import decoder_blocks, get_adapter, quantizable_linears
 from lowbit.models.lazy import lazy_weights
 from lowbit.models.loading import _lazy_model, resolve_model_source
 from lowbit.recipe import GPTQSettings
@@ -80,6 +81,20 @@ def test_lazy_and_whole_loading_write_byte_identical_artifacts(tmp_path, sharded
         out = lowbit.save(model, tmp_path / f"art-{lazy}")
         files.append((out / "model.safetensors").read_bytes())
     assert files[0] == files[1]
+
+
+def test_a_size_budget_counts_a_lazy_models_blocks_and_writes_the_same_artifact(tmp_path, sharded_dir):
+    """The float tensors still on disk (every block's norms) count toward the file: all meta
+    tensors share data_ptr 0, and telling them apart by it once counted only one of them."""
+    eager, lazy = (lowbit.load_model(sharded_dir, lazy=flag).model for flag in (False, True))
+    quantized = {n for n, _ in quantizable_linears(eager, get_adapter("llama"))}
+    assert fixed_bytes(lazy, quantized, torch.float16) == fixed_bytes(eager, quantized, torch.float16)
+    size = sum(f.stat().st_size for f in sharded_dir.glob("*.safetensors")) // 3  # float32 file: ~1/3 packs it
+    files = []
+    for flag in (False, True):
+        model = _quantize_file(sharded_dir, flag, size_bytes=size)
+        files.append((lowbit.save(model, tmp_path / f"size-{flag}") / "model.safetensors").read_bytes())
+    assert files[0] == files[1] and len(files[0]) <= size
 
 
 def test_a_lazy_gptq_run_interrupted_resumes_to_the_same_weights(tmp_path, sharded_dir):

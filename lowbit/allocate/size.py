@@ -57,10 +57,11 @@ def fixed_bytes(model: nn.Module, quantized: set[str], storage_dtype: torch.dtyp
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     seen: set[int] = set()
     total = tensors = 0
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict(keep_vars=True).items():
         if name.endswith(".weight") and name[: -len(".weight")] in quantized:
             continue
-        key = t.data_ptr() if t.numel() else id(t)
+        # meta tensors (a lazy model's blocks) all have data_ptr 0: tell them apart by identity
+        key = t.data_ptr() if t.numel() and not t.is_meta else id(t)
         if key in seen:
             continue
         seen.add(key)
