@@ -34,6 +34,7 @@ from gguf.quants import dequantize, quantize
 sys.path.insert(0, str(Path(__file__).parent))
 from foundation import timed  # noqa: E402
 
+from lowbit.formats import format_from_dict  # noqa: E402
 from lowbit.models.loading import resolve_model_source  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "gguf_vs_llamacpp.json"
@@ -134,11 +135,14 @@ def main() -> None:
         if tag.startswith("bytes:") and out.stat().st_size > int(tag.split(":")[1]):
             sys.exit(f"{out} is {out.stat().st_size} bytes, over the {tag} limit: raise _overhead's margin")
         q = json.loads((args.work / f"lowbit-{name}.quantize.json").read_text())
+        budget = q.get("budget") or {}
         ev = score(args.lowbit, out, args.work / f"lowbit-{name}.json")
         row = {
             "file": label,
             "bytes": out.stat().st_size,
             "formats": (q.get("budget") or {}).get("formats"),
+            "tables": {n: f and format_from_dict(f).name for n, f in (budget.get("tables") or {}).items()},
+            "table_probe": (q.get("budget") or {}).get("table_probe"),
             **_metrics(ev),
         }
         rows.append(row)
