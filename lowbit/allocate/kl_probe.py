@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -65,13 +65,7 @@ class TableProbe:
         return [kl / self.scale for kl in self.table_kl[table]]
 
     def to_dict(self) -> dict:
-        return {
-            "kappa": self.kappa,
-            "scale": self.scale,
-            "linear_kl": self.linear_kl,
-            "linear_error": self.linear_error,
-            "table_kl": self.table_kl,
-        }
+        return {**asdict(self), "scale": self.scale}
 
 
 def probe_windows(windows: torch.Tensor) -> torch.Tensor:
