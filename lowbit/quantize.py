@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.allocate.kl_probe import probe_roles
 from lowbit.allocate.plan import Plan, Targets, allocate, find_targets
 from lowbit.allocate.sensitivity import measurements_for
 from lowbit.data import calibration_data
@@ -147,6 +148,11 @@ def _plan(
         progress=progress,
         device=device,
     )
+    if budget.weighting == "kl" and not meas.kl_scale:
+        relative = {n: meas.weighted_errors(n, "relative") for n in meas.layers}
+        meas.kl_scale = probe_roles(model, relative, list(targets.candidates), windows, progress)
+        if path is not None:
+            meas.save(path)
     held_out = _held_out_windows(tokenizer, recipe, windows, budget.refine_windows) if refine else None
     plan = allocate(model, recipe, targets, meas, windows, held_out, progress)
     account = {**plan.budget, "measurement_seconds": meas.seconds, "measurements_reused": reused}

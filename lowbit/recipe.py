@@ -23,7 +23,7 @@ from lowbit.targets import target_named
 
 ALLOCATORS = ("upgrade", "knapsack", "baq")
 DEFAULT_GROUP = 128  # without a target; a target's own block size with one
-WEIGHTINGS = ("relative", "stream", "raw")
+WEIGHTINGS = ("relative", "stream", "raw", "kl")
 BUDGET_BPW_RANGE = (2.0, 8.0)
 
 

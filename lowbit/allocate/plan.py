@@ -201,7 +201,7 @@ def allocate(
         linear_bits = size.linear_bits
         if size.tables:
             table_choice, table_probe = _choose_tables(
-                model, measurements, free, size, cands, windows, budget.allocator, progress
+                model, measurements, free, size, cands, windows, budget.allocator, budget.weighting, progress
             )
             linear_bits -= sum(size.table_costs[n][j] for n, j in table_choice.items())
         bpw = linear_bits / sum(numel[n] for n in free)
@@ -245,7 +245,15 @@ def allocate(
 
 
 def _choose_tables(
-    model, meas: Measurements, free: list[str], size: SizeBudget, cands, windows, allocator: str, progress: bool
+    model,
+    meas: Measurements,
+    free: list[str],
+    size: SizeBudget,
+    cands,
+    windows,
+    allocator: str,
+    weighting: str,
+    progress: bool,
 ) -> tuple[dict[str, int], dict]:
     """Float (0) or a candidate (1 + its index) for the embedding and head: one knapsack over
     them and the linears together, so a table is packed exactly when that buys more than the
@@ -253,12 +261,14 @@ def _choose_tables(
     linears' units (allocate.kl_probe); scored like one more linear, SmolLM2's tied table went
     to IQ4_NL where Q8_0 would have cut KLD from 0.116 to 0.023. Under the `upgrade`
     allocator no table may be worse than under the best uniform format that fits everything.
+    Under the `kl` weighting the linears' errors are KL already and a table's is its KL.
     Returns the choice and the probe's account."""
     names = list(size.table_costs)
     costs = [size.costs[n] for n in free] + [size.table_costs[n] for n in names]
-    errors = [meas.weighted_errors(n, "relative") for n in free]
+    kl = weighting == "kl"
+    errors = [meas.weighted_errors(n, weighting if kl else "relative") for n in free]
     probe = probe_tables(model, free, size.tables, cands, windows, progress)
-    errors += [[0.0, *probe.table_errors(t.name)] for t in size.tables]
+    errors += [[0.0, *(probe.table_kl[t.name] if kl else probe.table_errors(t.name))] for t in size.tables]
     if allocator == "upgrade":
         picks = upgrade_choice(costs, errors, size.linear_bits, extra=[0] * len(free) + [1] * len(names))
     else:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,11 @@ class MeasurementMismatchError(LowbitError):
     pass
 
 
+def layer_role(name: str) -> str:
+    """A linear's place in its block, the same at every depth: model.layers.3.mlp.down_proj -> mlp.down_proj."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
+
+
 @dataclass
 class Measurements:
     """Per layer and candidate: cost in bits and the Hessian-weighted output error."""
@@ -49,6 +55,9 @@ class Measurements:
     settings: dict[str, Any]
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> shape, numel, block, costs, errors
     stream: dict[str, float] = field(default_factory=dict)  # block -> median squared norm of its input
+    # layer role -> per candidate, KL per unit of relative error (allocate.kl_probe.probe_roles); the
+    # `kl` weighting's calibration, probed when first needed and saved with the errors
+    kl_scale: dict[str, list[float]] = field(default_factory=dict)
     # not saved: the file holds only what the inputs determine, so a resumed pass writes the same bytes
     seconds: float | None = field(default=None, repr=False)  # of the pass that made them; None when loaded
     bank: dict[str, dict[int, torch.Tensor]] | None = field(default=None, repr=False)
@@ -64,8 +73,15 @@ class Measurements:
         tr(W H Wᵀ), the error as a fraction of the layer's output energy; stream: divided
         by the median squared norm of the residual stream entering the layer's block.
         On smollm2-135m at 2.5-3.5 bpw, knapsack plans under `relative` had 25-35 % lower
-        KL than under `stream` or `raw` (BENCHMARKS.md)."""
+        KL than under `stream` or `raw` (BENCHMARKS.md). kl: relative times the KL per unit of
+        relative error that probes measured for the layer's role and candidate (`kl_scale`), so
+        errors read as the KL they cause."""
         rec = self.layers[name]
+        if weighting == "kl":
+            scale = self.kl_scale.get(layer_role(name))
+            if scale is None:
+                raise LowbitError(f"the measurements hold no KL calibration for {name}; run the KL probe (kl_probe)")
+            return [e / max(rec["base"], 1e-300) * k for e, k in zip(rec["errors"], scale, strict=True)]
         if weighting == "raw":
             return list(rec["errors"])
         if weighting == "relative":

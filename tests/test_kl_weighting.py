@@ -1,0 +1,101 @@
+"""The `kl` weighting: layer errors put in KL units by probes per layer role and bit width,
+probed once per measurement file."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+import lowbit
+from lowbit.allocate import Measurements
+from lowbit.allocate.kl_probe import probe_roles, probe_windows
+from lowbit.allocate.sensitivity import layer_role
+from lowbit.errors import LowbitError
+from lowbit.eval.metrics import evaluate_windows
+from lowbit.eval.reference import build_reference
+from lowbit.formats import IntFormat
+from lowbit.models.adapters import get_adapter, linear_weight, quantizable_linears
+from lowbit.recipe import GPTQSettings
+
+WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+CANDIDATES = [IntFormat(2, 32), IntFormat(3, 32), IntFormat(3, 64), IntFormat(8, 32)]
+KW = {"calib": WINDOWS, "gptq": GPTQSettings(batch_size=4), "candidates": CANDIDATES, "progress": False}
+
+
+def test_layer_role_is_the_name_within_its_block():
+    assert layer_role("model.layers.11.mlp.down_proj") == "mlp.down_proj"
+    assert layer_role("transformer.h.0.attn.c_attn") == "attn.c_attn"
+
+
+def test_the_role_probe_measures_kl_per_unit_of_error_at_the_measured_error_size_and_restores_the_model():
+    model = make_tiny_model("llama")
+    linears = [n for n, _ in quantizable_linears(model, get_adapter("llama"))]
+    # stand-in measured errors: a fixed fraction of each layer's round-to-nearest error
+    errors = {n: [0.02, 0.005, 0.006, 1e-6] for n in linears}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = probe_roles(model, errors, CANDIDATES, WINDOWS, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert set(scale) == {layer_role(n) for n in linears}
+    for row in scale.values():
+        assert len(row) == len(CANDIDATES) and all(k > 0 for k in row)
+        assert row[1] == row[2]  # one probe per bit width: int3 g64 stands for int3 g32 too
+
+    # redo one probe by hand: every down_proj moved toward its int3 g64 rounding until its relative
+    # output error is the stated 0.006; the KL of that, per unit of the summed error
+    windows = probe_windows(WINDOWS)
+    ref = build_reference(model, windows, progress=False)
+    moved = copy.deepcopy(model)
+    fmt, names = CANDIDATES[2], [n for n in linears if n.endswith("down_proj")]
+    inputs = {}
+    hooks = [
+        moved.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: inputs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        moved(windows)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        w = linear_weight(moved.get_submodule(n))
+        w = w.detach()
+        x, d = inputs[n], fmt.quantize_tensor(w).dequantize() - w
+        rtn = float((x @ d.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+        w += (0.006 / rtn) ** 0.5 * d
+    kl = evaluate_windows(moved, windows, ref, progress=False)["kld"]
+    assert scale["mlp.down_proj"][2] == pytest.approx(kl / (0.006 * len(names)), rel=1e-3)
+
+
+def test_kl_weighting_scales_relative_errors_and_refuses_measurements_without_a_probe():
+    meas = Measurements("m", "c", [c.to_dict() for c in CANDIDATES[:2]], {})
+    meas.layers["model.layers.0.mlp.up_proj"] = {"errors": [4.0, 1.0], "base": 2.0, "block": 0}
+    with pytest.raises(LowbitError, match="no KL calibration for model.layers.0.mlp.up_proj"):
+        meas.weighted_errors("model.layers.0.mlp.up_proj", "kl")
+    meas.kl_scale = {"mlp.up_proj": [0.5, 0.25]}
+    assert meas.weighted_errors("model.layers.0.mlp.up_proj", "kl") == [1.0, 0.125]
+
+
+def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measurements(tmp_path, monkeypatch):
+    model = make_tiny_model("llama")
+    path = tmp_path / "measurements.json"
+    q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=path, **KW)
+    budget = q.lowbit_info.settings["budget"]
+    assert budget["weighting"] == "kl" and q.lowbit_info.bits_per_weight <= 3.5
+    saved = Measurements.load(path)
+    assert set(saved.kl_scale) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"} | {
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_roles", no_probe)
+    q2 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, **KW)
+    assert q2.lowbit_info.settings["budget"]["measurements_reused"] and q2.lowbit_info.bits_per_weight <= 3.0
