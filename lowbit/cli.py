@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--weighting",
         default="relative",
         help="budget runs: how layer errors are compared across layers and depths: relative (default: each "
-        "layer's error as a fraction of its own output energy), stream or raw (see README and BENCHMARKS.md)",
+        "layer's error as a fraction of its own output energy); kl (relative, times the KL per unit of error "
+        "that probes measure per layer role and bit width: a few minutes more, once per measurement file); "
+        "stream or raw (see README and BENCHMARKS.md)",
     )
     q.add_argument(
         "--refine",
