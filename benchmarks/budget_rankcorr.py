@@ -39,7 +39,7 @@ def main() -> None:
                 plans[label] = plan_for_budget(meas, row["budget"], allocator, weighting=weighting).choice
         kld = [row["plans"][label]["kld"] for label in plans]
         rho = {}
-        for w in WEIGHTINGS:
+        for w in (w for w in WEIGHTINGS if w != "kl" or meas.kl_scale):
             proxy = [sum(meas.weighted_errors(n, w)[j] for n, j in c.items()) for c in plans.values()]
             rho[w] = round(float(spearmanr(proxy, kld).statistic), 2)
         row["rank_correlation_across_plans"] = rho

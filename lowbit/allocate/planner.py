@@ -222,7 +222,8 @@ def starting_plans(
     free = list(plan.choice)
     reserved_numel = plan.total_numel - sum(measurements.layers[n]["numel"] for n in free)
     starts = {f"{plan.allocator}/{weighting}": dict(plan.choice)}
-    others = [("knapsack", w) for w in WEIGHTINGS] + [("baq", weighting), ("upgrade", weighting)]
+    weightings = [w for w in WEIGHTINGS if w != "kl" or measurements.kl_scale]  # kl needs its probe
+    others = [("knapsack", w) for w in weightings] + [("baq", weighting), ("upgrade", weighting)]
     for allocator, w in others:
         label = f"{allocator}/{w}"
         if label not in starts:
