@@ -148,14 +148,18 @@ def _plan(
         progress=progress,
         device=device,
     )
+    probe_seconds = None
     if budget.weighting == "kl" and not meas.kl_scale:
+        t0 = time.perf_counter()
         relative = {n: meas.weighted_errors(n, "relative") for n in meas.layers}
         meas.kl_scale = probe_roles(model, relative, list(targets.candidates), windows, progress)
+        probe_seconds = time.perf_counter() - t0
         if path is not None:
             meas.save(path)
     held_out = _held_out_windows(tokenizer, recipe, windows, budget.refine_windows) if refine else None
     plan = allocate(model, recipe, targets, meas, windows, held_out, progress)
     account = {**plan.budget, "measurement_seconds": meas.seconds, "measurements_reused": reused}
+    account["kl_probe_seconds"] = probe_seconds  # None: not needed, or saved with the measurements
     return replace(plan, budget=account)
 
 

@@ -86,6 +86,7 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
     q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=path, **KW)
     budget = q.lowbit_info.settings["budget"]
     assert budget["weighting"] == "kl" and q.lowbit_info.bits_per_weight <= 3.5
+    assert budget["kl_probe_seconds"] > 0
     saved = Measurements.load(path)
     assert set(saved.kl_scale) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"} | {
         "mlp.gate_proj",
@@ -98,4 +99,6 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
 
     monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_roles", no_probe)
     q2 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, **KW)
-    assert q2.lowbit_info.settings["budget"]["measurements_reused"] and q2.lowbit_info.bits_per_weight <= 3.0
+    again = q2.lowbit_info.settings["budget"]
+    assert again["measurements_reused"] and again["kl_probe_seconds"] is None
+    assert q2.lowbit_info.bits_per_weight <= 3.0
