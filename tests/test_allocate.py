@@ -113,17 +113,3 @@ def test_upgrade_never_trades_a_table_below_the_uniform_base_but_may_keep_it_in_
     assert upgrade_choice(costs, errors, 12, extra=extra) == [1, 1, 2]
     # float is never worse than the base, so it stays open when the bytes allow it
     assert upgrade_choice(costs, errors, 28, extra=extra) == [2, 2, 0]
-
-
-def test_upgrade_brings_the_uniform_format_just_over_the_budget_within_it_when_that_errs_less():
-    from lowbit.allocate.planner import upgrade_choice
-
-    # three layers; candidates like int2 g128 / int2 g32 / int3 g128 (bits per weight x 10)
-    costs = [[21, 25, 31]] * 3
-    errors = [[1.3, 1.0, 0.2], [1.3, 1.0, 0.2], [1.1, 1.0, 0.2]]
-    budget = 31 + 31 + 21  # uniform int3 g128 misses it by one layer's downgrade
-    # from below (base int2 g32, no layer worse than it) the best is C, B, B: 2.2;
-    # from above (no layer dearer than int3 g128) one layer drops to int2 g128: 1.5
-    assert upgrade_choice(costs, errors, budget) == [2, 2, 0]
-    # at uniform int3 g128's own size that format itself is the plan
-    assert upgrade_choice(costs, errors, 93) == [2, 2, 2]

@@ -153,24 +153,14 @@ def _summed(rows: list[list], item: list[int]) -> list:
 def upgrade_choice(
     costs: list[list[int]], errors: list[list[float]], budget: int, extra: list[int] | None = None
 ) -> list[int]:
-    """The better, by summed error, of two plans that each stay close to a uniform format.
-
-    From below: the uniform candidate that fits with the least summed error, then the bits it
-    leaves spent by the knapsack, each layer limited to candidates whose measured error is no
-    larger than the uniform one's there. No layer gets worse than under that uniform plan, so
-    the additive proxy's blind spot (a cheap layer's extra error hurting more downstream than
+    """The uniform candidate that fits with the least summed error, then the bits it leaves
+    spent by the knapsack, each layer limited to candidates whose measured error is no larger
+    than the uniform one's there. No layer gets worse than under the uniform plan, so the
+    additive proxy's blind spot (a cheap layer's extra error hurting more downstream than
     measured, which made mixed plans lose to uniform int4 near 4.25 bpw) cannot be exploited.
-    From above: the cheapest uniform candidate that does not fit, brought within the budget by
-    the knapsack, no layer given more bits than under it. Just below a uniform format's size
-    (int3 g128 at 3.1608 bpw, the budget 3.156), the plan from below starts a whole grid lower
-    (int2 g32) and mixed plans lost to the uniform format (issue: the uniform frontier).
 
     `extra[i]` leading candidates of item i (a table's float option) are not formats shared by
-    every item: they take no part in choosing the uniform bases, but stay open if allowed. A
-    table is never worse than under the base from below, in either plan.
-
-    Both plans are scored by the same summed error, so the plan from above wins only where the
-    weighting prices what the cheap layers cost (the `kl` weighting is built for that)."""
+    every item: they take no part in choosing the uniform base, but stay open if no worse."""
     items = list(zip(costs, errors, extra or [0] * len(costs), strict=True))
     shared = {len(c) - x for c, _, x in items}
     if len(shared) > 1:
@@ -180,36 +170,18 @@ def upgrade_choice(
         """Total cost and summed error with shared candidate j everywhere."""
         return sum(c[j + x] for c, _, x in items), sum(e[j + x] for _, e, x in items)
 
-    def within(allowed: list[list[int]]) -> list[int] | None:
-        """The knapsack's plan with each item limited to its `allowed` candidates (None: none fits)."""
-        if min_cost([[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)]) > budget:
-            return None
-        picks = solve_mckp(
-            [[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)],
-            [[e[j] for j in ok] for e, ok in zip(errors, allowed, strict=True)],
-            budget,
-        )
-        return [ok[k] for ok, k in zip(allowed, picks, strict=True)]
-
     totals = {j: uniform(j) for j in range(max(shared, default=0))}
     fitting = [j for j, (cost, _) in totals.items() if cost <= budget]
-    over = [j for j, (cost, _) in totals.items() if cost > budget]
-    plans, base = [], None
-    if fitting:
-        base = min(fitting, key=lambda j: (totals[j][1], -totals[j][0]))
-        plans.append(within([[j for j in range(len(e)) if e[j] <= e[base + x]] for _, e, x in items]))
-    if over:
-        top = min(over, key=lambda j: totals[j])
-
-        def no_dearer(c: list[int], e: list[float], x: int) -> list[int]:
-            """No more bits than under `top`; a table (x > 0) also no worse than under the base."""
-            return [j for j in range(len(c)) if c[j] <= c[top + x] and (not x or base is None or e[j] <= e[base + x])]
-
-        plans.append(within([no_dearer(c, e, x) for c, e, x in items]))
-    plans = [p for p in plans if p is not None]
-    if not plans:  # no single format fits everywhere: the free knapsack
+    if not fitting:  # no single format fits everywhere: fall back to the free knapsack
         return solve_mckp(costs, errors, budget)
-    return min(plans, key=lambda p: sum(e[j] for e, j in zip(errors, p, strict=True)))
+    base = min(fitting, key=lambda j: (totals[j][1], -totals[j][0]))
+    allowed = [[j for j in range(len(e)) if e[j] <= e[base + x]] for _, e, x in items]
+    picks = solve_mckp(
+        [[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)],
+        [[e[j] for j in ok] for e, ok in zip(errors, allowed, strict=True)],
+        budget,
+    )
+    return [ok[k] for ok, k in zip(allowed, picks, strict=True)]
 
 
 def starting_plans(
