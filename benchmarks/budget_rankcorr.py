@@ -16,7 +16,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from lowbit.allocate import Measurements, plan_for_budget
-from lowbit.recipe import WEIGHTINGS, default_candidates
+from lowbit.recipe import default_candidates
 
 RESULTS = Path(__file__).parent / "results" / "budget.json"
 
@@ -39,7 +39,7 @@ def main() -> None:
                 plans[label] = plan_for_budget(meas, row["budget"], allocator, weighting=weighting).choice
         kld = [row["plans"][label]["kld"] for label in plans]
         rho = {}
-        for w in (w for w in WEIGHTINGS if w != "kl" or meas.kl_scale):
+        for w in meas.weightings():
             proxy = [sum(meas.weighted_errors(n, w)[j] for n, j in c.items()) for c in plans.values()]
             rho[w] = round(float(spearmanr(proxy, kld).statistic), 2)
         row["rank_correlation_across_plans"] = rho

@@ -20,7 +20,6 @@ from scipy.stats import spearmanr
 
 from lowbit.allocate.sensitivity import Measurements
 from lowbit.artifact import read_manifest
-from lowbit.recipe import WEIGHTINGS
 
 
 def summed(meas: Measurements, layers: dict, weighting: str) -> float:
@@ -40,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     meas = Measurements.load(args.work / "measurements.json")
     record = json.loads(args.results.read_text())
-    weightings = [w for w in WEIGHTINGS if w != "kl" or meas.kl_scale]
+    weightings = meas.weightings()
     plans = []
     for run in record["runs"]:
         layers = read_manifest(args.work / run["run"])["layers"]

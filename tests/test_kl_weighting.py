@@ -76,7 +76,9 @@ def test_kl_weighting_scales_relative_errors_and_refuses_measurements_without_a_
     meas.layers["model.layers.0.mlp.up_proj"] = {"errors": [4.0, 1.0], "base": 2.0, "block": 0}
     with pytest.raises(LowbitError, match="no KL calibration for model.layers.0.mlp.up_proj"):
         meas.weighted_errors("model.layers.0.mlp.up_proj", "kl")
+    assert "kl" not in meas.weightings()
     meas.kl_scale = {"mlp.up_proj": [0.5, 0.25]}
+    assert "kl" in meas.weightings()
     assert meas.weighted_errors("model.layers.0.mlp.up_proj", "kl") == [1.0, 0.125]
 
 

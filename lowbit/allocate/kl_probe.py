@@ -19,9 +19,9 @@ calibration windows:
    the table's KL, which divided by kappa is its error in the linears' units.
 
 The same probe per layer role (`probe_roles`) calibrates the `kl` weighting: every q_proj (every
-k_proj, ...) rounded to one candidate at a time, KL / summed relative error per role and
-candidate, so that a plan's summed weighted error predicts its KL (issue: budgets against
-the uniform frontier).
+k_proj, ...) moved toward one bit width's grid until its error is the one GPTQ measured, KL /
+summed relative error per role and width, so that a plan's summed weighted error predicts its
+KL (issue: budgets against the uniform frontier).
 
 Each probe is a forward pass over the whole model, so a model read block by block
 (models/lazy.py) is read whole first.

@@ -10,7 +10,7 @@ from lowbit.allocate.knapsack import min_cost, solve_mckp
 from lowbit.allocate.sensitivity import Measurements, plan_formats
 from lowbit.errors import BudgetError
 from lowbit.formats import Format, format_from_dict
-from lowbit.recipe import ALLOCATORS, WEIGHTINGS
+from lowbit.recipe import ALLOCATORS
 
 
 @dataclass
@@ -194,8 +194,7 @@ def starting_plans(
     free = list(plan.choice)
     reserved_numel = plan.total_numel - sum(measurements.layers[n]["numel"] for n in free)
     starts = {f"{plan.allocator}/{weighting}": dict(plan.choice)}
-    weightings = [w for w in WEIGHTINGS if w != "kl" or measurements.kl_scale]  # kl needs its probe
-    others = [("knapsack", w) for w in weightings] + [("baq", weighting), ("upgrade", weighting)]
+    others = [("knapsack", w) for w in measurements.weightings()] + [("baq", weighting), ("upgrade", weighting)]
     for allocator, w in others:
         label = f"{allocator}/{w}"
         if label not in starts:

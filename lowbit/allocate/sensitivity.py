@@ -66,6 +66,10 @@ class Measurements:
         skip = ("bank", "seconds")
         return {"version": MEASUREMENT_VERSION, **{k: v for k, v in self.__dict__.items() if k not in skip}}
 
+    def weightings(self) -> list[str]:
+        """The weightings these measurements can give: `kl` only once its probe is in them."""
+        return [w for w in WEIGHTINGS if w != "kl" or self.kl_scale]
+
     def weighted_errors(self, name: str, weighting: str = "relative") -> list[float]:
         """A layer's candidate errors on a scale comparable across layers and depths.
 
