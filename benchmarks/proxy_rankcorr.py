@@ -5,7 +5,7 @@ For every artifact in WORK with a finished run JSON, the per-layer formats are r
 manifest, matched to the candidates in WORK/measurements.json, and summed under each weighting
 (`relative`, `stream`, `raw`, and `kl` when the file holds the KL probe); the Spearman rank
 correlation of each sum with the runs' KLD is written into the frontier results file under
-`proxy_rank_correlation`.
+`proxy_rank_correlation`, with the probe's `kl_scale`.
 
     .venv/bin/python benchmarks/proxy_rankcorr.py --work /tmp/frontier --results benchmarks/results/budget_frontier.json
 """
@@ -47,6 +47,7 @@ def main() -> None:
     klds = [p["kld"] for p in plans]
     corr = {w: float(spearmanr([p[w] for p in plans], klds).statistic) for w in weightings}
     record["proxy_rank_correlation"] = {"plans": plans, "spearman": corr, "command": "benchmarks/proxy_rankcorr.py"}
+    record["kl_scale"] = meas.kl_scale  # the probe's KL per unit of relative error, by role and candidate
     args.results.write_text(json.dumps(record, indent=1))
     print("| run | KLD | " + " | ".join(weightings) + " |")
     print("|---|---|" + "---|" * len(weightings))
