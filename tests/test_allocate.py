@@ -113,3 +113,35 @@ def test_upgrade_never_trades_a_table_below_the_uniform_base_but_may_keep_it_in_
     assert upgrade_choice(costs, errors, 12, extra=extra) == [1, 1, 2]
     # float is never worse than the base, so it stays open when the bytes allow it
     assert upgrade_choice(costs, errors, 28, extra=extra) == [2, 2, 0]
+
+
+@pytest.mark.parametrize("allocator", ["knapsack", "upgrade", "baq"])
+def test_a_candidate_some_layers_cannot_hold_is_a_choice_for_the_others_only(allocator):
+    """Candidate 2 (a k-quant, say) is unmeasured (None) on two of three layers: no allocator
+    gives it to them, upgrade never takes it as the uniform base, and the layer that can hold it
+    gets it when it is its best buy."""
+    from lowbit.allocate.planner import plan_for_budget
+    from lowbit.allocate.sensitivity import Measurements
+    from lowbit.formats import IntFormat
+
+    cands = [IntFormat(3, 32), IntFormat(4, 32), IntFormat(4, 256)]
+    meas = Measurements("m", "c", [c.to_dict() for c in cands], {})
+    for i, held in enumerate([False, False, True]):
+        costs = [300, 400, 400 if held else None]
+        errors = [9.0, 1.0, 0.5 if held else None]
+        meas.layers[f"model.layers.{i}.mlp.down_proj"] = {
+            "costs": costs,
+            "errors": errors,
+            "base": 10.0,
+            "numel": 100,
+            "block": i,
+        }
+    plan = plan_for_budget(meas, 4.0, allocator)
+    if allocator == "baq":  # BAQ rounds to bit levels, not errors: either 4-bit choice for layer 2
+        assert [plan.choice[f"model.layers.{i}.mlp.down_proj"] for i in range(2)] == [1, 1]
+    else:
+        assert [plan.choice[f"model.layers.{i}.mlp.down_proj"] for i in range(3)] == [1, 1, 2]
+        assert plan.predicted_error == pytest.approx((1.0 + 1.0 + 0.5) / 10)
+    tight = plan_for_budget(meas, 3.34, allocator)  # room for one 4-bit layer: the unheld one at 3
+    assert all(j != 2 for n, j in tight.choice.items() if not n.startswith("model.layers.2"))
+    assert tight.achieved_bpw <= 3.34

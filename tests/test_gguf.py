@@ -537,10 +537,10 @@ def test_k_quants_solved_by_gptq_export_and_run_in_llama_cpp(smollm2_tokenizer_d
     assert kl.max().item() < 5e-3 and kl.mean().item() < 2e-3, kl
 
 
-def test_a_budget_plans_over_the_candidates_that_fit_every_layer(smollm2_tokenizer_dir, tmp_path):
-    """k-quants need rows of 256: a 64-wide model is planned over Q4_0/IQ4_NL/Q5_0/Q8_0 (the
-    others recorded as dropped, with a layer they cannot hold); a 256-wide one over all nine,
-    and its mixed plan exports bit for bit."""
+def test_a_budget_plans_over_the_candidates_that_fit_some_layer(smollm2_tokenizer_dir, tmp_path):
+    """k-quants need rows of 256: a model with no such row is planned over Q4_0/IQ4_NL/Q5_0/Q8_0
+    (the others recorded as dropped, with why); a 256-wide one over all nine, and its mixed
+    plan exports bit for bit."""
     from lowbit.allocate.plan import find_targets
     from lowbit.export.gguf import export_gguf
     from lowbit.models.adapters import get_adapter
@@ -549,7 +549,7 @@ def test_a_budget_plans_over_the_candidates_that_fit_every_layer(smollm2_tokeniz
     narrow = find_targets(make_tiny_model("llama"), get_adapter("llama"), recipe)
     assert [f.name for f in narrow.candidates] == ["int4-g32-sym", "iq4nl-g32", "int5-g32-sym", "int8-g32-sym"]
     assert set(narrow.dropped) == {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
-    assert narrow.dropped["q4_k"] == "model.layers.0.self_attn.q_proj"
+    assert narrow.dropped["q4_k"].startswith("no layer to plan has rows it splits into (model.layers.0.")
     wide = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
     source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir, **wide)
     loaded = lowbit.load_model(source)
@@ -565,3 +565,48 @@ def test_a_budget_plans_over_the_candidates_that_fit_every_layer(smollm2_tokeniz
         if name.endswith("ffn_down"):
             t = tensors[name + ".weight"]
             assert np.array_equal(dequantize(t.data, t.tensor_type), layer.dequantize().numpy())
+
+
+def test_k_quants_are_a_choice_for_the_layers_whose_rows_hold_them(smollm2_tokenizer_dir, tmp_path):
+    """64-wide attention rows and 256-wide down_proj rows (smollm2's 576/1536 in small): the
+    budget keeps the k-quants for down_proj alone; the measurement pass leaves them unmeasured
+    elsewhere; with room to spare each layer takes its most accurate candidate (Q6_K for
+    down_proj, Q5_0 for the rest), and the file llama.cpp reads holds exactly that."""
+    from lowbit.allocate.plan import find_targets
+    from lowbit.export.gguf import export_gguf
+    from lowbit.formats.ggml import GGML_TYPES
+    from lowbit.models.adapters import get_adapter
+
+    by_name = {t.name: t.fmt for t in GGML_TYPES}
+    cands = [by_name["Q4_0"], by_name["Q5_0"], by_name["Q6_K"]]
+    recipe = Recipe.build(budget_bpw=7.0, target="gguf", candidates=cands, calib=torch.randint(2, 49152, (4, 32)))
+    source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir, intermediate_size=256)
+    loaded = lowbit.load_model(source)
+    targets = find_targets(loaded.model, get_adapter("llama"), recipe)
+    assert len(targets.candidates) == 3 and targets.dropped == {}
+    for name in targets.linears:
+        assert targets.unfit[name] == (set() if name.endswith("down_proj") else {2}), name
+    q = lowbit.quantize(loaded.model, recipe, progress=False)
+    chosen = {n: layer["format"] for n, layer in q.lowbit_info.layers.items()}
+    for name, fmt in chosen.items():
+        assert fmt == (cands[2] if name.endswith("down_proj") else cands[1]).to_dict(), name
+    lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    tensors = {t.name: t for t in GGUFReader(str(export_gguf(tmp_path / "art", tmp_path / "m.gguf"))).tensors}
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q6_K"
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q5_0"
+
+
+def test_a_layer_no_candidate_fits_is_named(smollm2_tokenizer_dir, tmp_path):
+    """Only k-quants, on 64-wide rows: refused before any measurement, naming the layer and --keep."""
+    from lowbit.allocate.plan import find_targets
+    from lowbit.errors import FormatError
+    from lowbit.formats.ggml import GGML_TYPES
+    from lowbit.models.adapters import get_adapter
+
+    by_name = {t.name: t.fmt for t in GGML_TYPES}
+    recipe = Recipe.build(
+        budget_bpw=5.0, target="gguf", candidates=[by_name["Q4_K"], by_name["Q6_K"]], calib=torch.randint(2, 9, (2, 8))
+    )
+    source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir, intermediate_size=256)
+    with pytest.raises(FormatError, match=r"model.layers.0.self_attn.q_proj has rows of 64 weights.*--keep"):
+        find_targets(lowbit.load_model(source).model, get_adapter("llama"), recipe)

@@ -104,3 +104,29 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
     again = q2.lowbit_info.settings["budget"]
     assert again["measurements_reused"] and again["kl_probe_seconds"] is None
     assert q2.lowbit_info.bits_per_weight <= 3.0
+
+
+def test_the_role_probe_skips_a_candidate_a_role_cannot_hold():
+    """int3 g64 unheld by the attention roles (inf, as for k-quants on rows not of 256): their
+    int3 probe falls to int3 g32; down_proj still probes its widest int3; a width a role holds
+    in no form scales by 1.0 (inf stays inf, never NaN)."""
+    model = make_tiny_model("llama")
+    linears = [n for n, _ in quantizable_linears(model, get_adapter("llama"))]
+    attention = [n for n in linears if "self_attn" in n]
+    errors = {n: [0.02, 0.005, float("inf") if n in attention else 0.006, 1e-6] for n in linears}
+    errors = {n: e if n not in attention else [e[0], e[1], e[2], float("inf")] for n, e in errors.items()}
+    seen = []
+
+    class Recording(IntFormat):
+        def quantize_tensor(self, w):  # which candidates the probe rounds to
+            seen.append(self.group_size)
+            return super().quantize_tensor(w)
+
+    cands = [IntFormat(2, 32), Recording(3, 32), Recording(3, 64), IntFormat(8, 32)]
+    scale = probe_roles(model, errors, cands, WINDOWS, progress=False)
+    for role, row in scale.items():
+        if role.startswith("self_attn"):
+            assert row[1] == row[2] and row[1] > 0 and row[3] == 1.0, role
+        else:
+            assert row[1] == row[2] and row[3] > 0 and row[3] != 1.0, role
+    assert 32 in seen and 64 in seen

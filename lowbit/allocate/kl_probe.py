@@ -30,6 +30,7 @@ Each probe is a forward pass over the whole model, so a model read block by bloc
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,7 +60,7 @@ class TableProbe:
     kappa: list[float]  # per candidate: KL / summed relative error, all planned linears at it
     linear_kl: list[float]  # per candidate: KL with every planned linear rounded to it
     linear_error: list[float]  # per candidate: those linears' summed relative error
-    table_kl: dict[str, list[float]] = field(default_factory=dict)  # table -> KL of each candidate alone
+    table_kl: dict[str, list[float | None]] = field(default_factory=dict)  # table -> KL of each candidate alone
 
     @property
     def scale(self) -> float:
@@ -68,9 +69,9 @@ class TableProbe:
         usable = [k for k in self.kappa if k > 0]
         return statistics.median(usable) if usable else 1.0
 
-    def table_errors(self, table: str) -> list[float]:
-        """A table's candidate errors in the linears' relative units."""
-        return [kl / self.scale for kl in self.table_kl[table]]
+    def table_errors(self, table: str) -> list[float | None]:
+        """A table's candidate errors in the linears' relative units (None: it cannot hold that one)."""
+        return [None if kl is None else kl / self.scale for kl in self.table_kl[table]]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "scale": self.scale}
@@ -131,28 +132,34 @@ def probe_roles(
     roles: dict[str, list[str]] = {}
     for n in linears:
         roles.setdefault(layer_role(n), []).append(n)
-    widths: dict[int, int] = {}  # bits -> the candidate probed for them
-    for j, fmt in enumerate(candidates):
-        k = widths.get(fmt.bits)
-        if k is None or fmt.group_size > candidates[k].group_size:
-            widths[fmt.bits] = j
-    probed = [candidates[j] for j in widths.values()]
+    widths: dict[str, dict[int, int]] = {}  # role -> bits -> the candidate probed for them
+    for role, names in roles.items():
+        widths[role] = {}
+        for j, fmt in enumerate(candidates):
+            if any(math.isinf(errors[n][j]) for n in names):  # not a choice for this role (rows of 256)
+                continue
+            k = widths[role].get(fmt.bits)
+            if k is None or fmt.group_size > candidates[k].group_size:
+                widths[role][fmt.bits] = j
+    probed = sorted({j for row in widths.values() for j in row.values()})
     with _whole(model, windows) as reference:
-        bar = tqdm(total=1 + len(roles) * len(probed), desc="KL probe", disable=not progress)
-        rtn = _relative_errors(model, modules, probed, windows)
+        bar = tqdm(total=1 + sum(len(row) for row in widths.values()), desc="KL probe", disable=not progress)
+        rtn = _relative_errors(model, modules, [candidates[j] for j in probed], windows)
+        rtn = {n: dict(zip(probed, row, strict=True)) for n, row in rtn.items()}
         bar.update()
         per_width: dict[str, dict[int, float]] = {}
         for role, names in roles.items():
             per_width[role] = {}
-            for k, (bits, j) in enumerate(widths.items()):
-                shrink = {n: (errors[n][j] / rtn[n][k]) ** 0.5 if rtn[n][k] > 0 else 0.0 for n in names}
+            for bits, j in widths[role].items():
+                shrink = {n: (errors[n][j] / rtn[n][j]) ** 0.5 if rtn[n][j] > 0 else 0.0 for n in names}
                 with _swapped({n: linear_weight(modules[n]) for n in names}, candidates[j], True, shrink):
                     kl = evaluate_windows(model, windows, reference, batch_size=1, progress=False)["kld"]
                 summed = sum(errors[n][j] for n in names)
                 per_width[role][bits] = kl / summed if summed > 0 else 0.0
                 bar.update()
         bar.close()
-    scale = {role: [row[f.bits] for f in candidates] for role, row in per_width.items()}
+    # a width the role cannot hold scales errors that are inf anyway: 1.0 keeps them inf (not NaN)
+    scale = {role: [row.get(f.bits, 1.0) for f in candidates] for role, row in per_width.items()}
     logger.info("KL per unit of relative error, by role and bit width: %s", per_width)
     return scale
 
@@ -174,13 +181,17 @@ def _probe(model, linears, tables, candidates, windows, reference, progress) -> 
         with _swapped({n: linear_weight(m) for n, m in modules.items()}, fmt, plain=True):
             bar.update()
             linear_kl.append(kl())
-    summed = [sum(e[j] for e in errors.values()) for j in range(len(candidates))]
+    summed = [sum(e[j] for e in errors.values() if e[j] is not None) for j in range(len(candidates))]
     kappa = [k / s if s > 0 else 0.0 for k, s in zip(linear_kl, summed, strict=True)]
     probe = TableProbe(kappa, linear_kl, summed)
     for table in tables:
         weight = model.get_submodule(table.name).weight
         scores = []
         for fmt in candidates:
+            if weight.shape[1] % fmt.row_multiple:  # its rows do not split into the format's blocks
+                scores.append(None)
+                bar.update()
+                continue
             with _swapped({table.name: weight}, fmt, plain=False):
                 scores.append(kl())
         probe.table_kl[table.name] = scores
@@ -193,7 +204,8 @@ def _relative_errors(
     model: nn.Module, modules: dict[str, nn.Module], candidates: list[Format], windows: torch.Tensor
 ) -> dict[str, list[float]]:
     """Per linear and candidate: |X dWᵀ|² / |X Wᵀ|² over the windows, dW its round-to-nearest
-    error; the windows go through in one batch, so each rounding is computed once."""
+    error (None where the rows do not split into the format's blocks); the windows go through
+    in one batch, so each rounding is computed once."""
     errors: dict[str, list[float]] = {}
 
     def hook(name: str):
@@ -202,7 +214,10 @@ def _relative_errors(
             x = args[0].detach().float().reshape(-1, w.shape[1])
             energy = (x @ w.t()).pow(2).sum().clamp_min(1e-30)
             errors[name] = [
-                float((x @ (fmt.quantize_tensor(w).dequantize() - w).t()).pow(2).sum() / energy) for fmt in candidates
+                None
+                if w.shape[1] % fmt.row_multiple
+                else float((x @ (fmt.quantize_tensor(w).dequantize() - w).t()).pow(2).sum() / energy)
+                for fmt in candidates
             ]
 
         return record
@@ -219,7 +234,8 @@ def _relative_errors(
 class _swapped:
     """Weights replaced by their rounding to `fmt` (plain round-to-nearest for the linears; the
     tables' own range search for a table, as it will be packed), put back on exit. With
-    `shrink`, a weight moves only that fraction of the way to its rounding."""
+    `shrink`, a weight moves only that fraction of the way to its rounding. A weight whose rows
+    do not split into the format's blocks stays as it is."""
 
     def __init__(
         self, weights: dict[str, torch.Tensor], fmt: Format, plain: bool, shrink: dict[str, float] | None = None
@@ -229,6 +245,8 @@ class _swapped:
 
     def __enter__(self) -> None:
         for name, w in self.weights.items():
+            if w.shape[1] % self.fmt.row_multiple:
+                continue
             src = w.detach().float()
             q = self.fmt.quantize_tensor(src) if self.plain else quantize_weight(src, self.fmt)
             self.saved.append((w, w.detach().clone()))

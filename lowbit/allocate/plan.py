@@ -11,6 +11,7 @@ recipe gives the trivial plan. The plan is stored in the manifest and printed; e
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 from lowbit.allocate.evolve import refine
 from lowbit.allocate.kl_probe import probe_tables
 from lowbit.allocate.knapsack import solve_mckp
-from lowbit.allocate.planner import check_feasible, plan_for_budget, upgrade_choice
+from lowbit.allocate.planner import check_feasible, held_solve, plan_for_budget, upgrade_choice
 from lowbit.allocate.sensitivity import Measurements
 from lowbit.allocate.size import SizeBudget, size_budget
 from lowbit.dtypes import DTYPES
@@ -31,7 +32,7 @@ from lowbit.keep import KeepRule, apply_rules
 from lowbit.models.adapters import ArchAdapter, decoder_blocks, linear_weight, quantizable_linears
 from lowbit.recipe import Recipe
 from lowbit.tables import Table, find_tables
-from lowbit.targets import target_named
+from lowbit.targets import Target, target_named
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,10 @@ class Targets:
     pinned: dict[str, Format | None]  # by keep rules: a format, or None for floating point
     tables: list[Table] = field(default_factory=list)  # embedding/head as size-budget candidates
     size: SizeBudget | None = None  # a size budget's fixed bytes and exact candidate costs
-    candidates: list[Format] = field(default_factory=list)  # a budget's candidates that fit every free layer
-    dropped: dict[str, str] = field(default_factory=dict)  # candidate name -> the first free layer it cannot hold
+    candidates: list[Format] = field(default_factory=list)  # a budget's candidates that fit some free layer
+    dropped: dict[str, str] = field(default_factory=dict)  # candidate name -> why no free layer can hold it
+    # layer or table -> indices of the candidates its rows cannot be written in (k-quants on rows not of 256)
+    unfit: dict[str, set[int]] = field(default_factory=dict)
     tied: list[tuple[str, ...]] = field(default_factory=list)  # linears that must share one format (vLLM's fusion)
 
 
@@ -85,20 +88,10 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
     pinned = apply_rules(list(shapes), list(recipe.keep), [n for n, _ in model.named_modules()])
     targets = Targets(shapes, pinned)
     budget = recipe.budget
+    target = target_named(recipe.target) if recipe.target is not None else None
     if budget is not None:
-        targets.candidates = list(budget.candidates)
-    if recipe.target is not None:  # every layer that will be quantized must split into its format's blocks
-        target = target_named(recipe.target)
-        if budget is not None:  # a candidate some free layer cannot hold is dropped (k-quants: rows of 256)
-            free_rows = {n: i for n, (_, i) in shapes.items() if n not in pinned}
-            for fmt in budget.candidates:
-                bad = next((n for n, i in free_rows.items() if i % target.row_multiple(fmt)), None)
-                if bad is not None:
-                    targets.dropped[target.label(fmt, short=True)] = bad
-            targets.candidates = [f for f in budget.candidates if target.label(f, short=True) not in targets.dropped]
-            if not targets.candidates:
-                first = next(iter(targets.dropped.values()))
-                raise FormatError(f"no budget candidate fits every layer ({first} among them); keep it in float")
+        targets.candidates = _held_candidates(targets, list(budget.candidates), shapes, pinned, target)
+    if target is not None:  # every layer that will be quantized must split into its format's blocks
         if target.fused_inputs:
             targets.tied = _fused_groups(model, adapter, pinned, target.name)
             if budget is not None and budget.refine_seconds > 0:
@@ -106,27 +99,68 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
                     f"--refine cannot keep fused layers (q/k/v, gate/up) in one format yet, which --target "
                     f"{target.name} needs; drop --refine"
                 )
-        free = [recipe.format] if budget is None else targets.candidates
         for name, (_, in_features) in shapes.items():
             pin = pinned.get(name, "free")
-            for fmt in free if pin == "free" else [pin] if pin is not None else []:
+            for fmt in (
+                [recipe.format] if pin == "free" and budget is None else [pin] if pin not in ("free", None) else []
+            ):
                 target.check_shape(name, in_features, fmt)
     if budget is None:
         return targets
     cands = targets.candidates
     if budget.bpw is not None:
-        free = [s for n, s in shapes.items() if n not in pinned]
+        free = [n for n in shapes if n not in pinned]
+        held = [[f for j, f in enumerate(cands) if j not in targets.unfit.get(n, ())] for n in free]
         fixed = [(f.storage_bits(*shapes[n]), shapes[n][0] * shapes[n][1]) for n, f in pinned.items() if f]
-        check_feasible(free, cands, budget.bpw, sum(r[0] for r in fixed), sum(r[1] for r in fixed))
+        check_feasible([shapes[n] for n in free], held, budget.bpw, sum(r[0] for r in fixed), sum(r[1] for r in fixed))
     else:
         targets.tables = [t for t in find_tables(model) if not _kept_in_float(t, recipe.keep)]
-        if recipe.target is not None:  # a table whose rows do not split into blocks stays in float
-            target = target_named(recipe.target)
-            row = max(target.row_multiple(f) for f in cands)
-            targets.tables = [t for t in targets.tables if t.shape[1] % row == 0 and target.quantizes_tables]
+        if target is not None and not target.quantizes_tables:
+            targets.tables = []
+        for t in targets.tables:
+            targets.unfit[t.name] = {j for j, f in enumerate(cands) if not fits(f, t.shape[1], target)}
+        # a table no candidate can be written in stays in float
+        targets.tables = [t for t in targets.tables if len(targets.unfit[t.name]) < len(cands)]
         storage = DTYPES[recipe.storage_dtype]
-        targets.size = size_budget(model, shapes, pinned, cands, budget.size_bytes, storage, targets.tables)
+        targets.size = size_budget(
+            model, shapes, pinned, cands, budget.size_bytes, storage, targets.tables, targets.unfit
+        )
     return targets
+
+
+def fits(fmt: Format, in_features: int, target: Target | None = None) -> bool:
+    """Whether rows of `in_features` weights split into `fmt`'s blocks (the target's, if given)."""
+    return in_features % (target.row_multiple(fmt) if target is not None else fmt.row_multiple) == 0
+
+
+def _held_candidates(
+    targets: Targets,
+    candidates: list[Format],
+    shapes: dict[str, tuple[int, int]],
+    pinned: dict,
+    target: Target | None,
+) -> list[Format]:
+    """The candidates some free layer can hold, each free layer's unfit ones recorded in
+    `targets.unfit` (indices into the result). A candidate no free layer holds is dropped, with
+    why; a free layer that holds none of them is refused, naming it."""
+    free = {n: i for n, (_, i) in shapes.items() if n not in pinned}
+    kept = []
+    for fmt in candidates:
+        if any(fits(fmt, i, target) for i in free.values()) or not free:
+            kept.append(fmt)
+        else:
+            label = target.label(fmt, short=True) if target is not None else fmt.name
+            first = next(iter(free))
+            targets.dropped[label] = f"no layer to plan has rows it splits into ({first}: {free[first]} weights)"
+    for name, in_features in free.items():
+        targets.unfit[name] = {j for j, f in enumerate(kept) if not fits(f, in_features, target)}
+        if len(targets.unfit[name]) == len(kept):
+            shown = ", ".join(target.label(f, short=True) if target else f.name for f in candidates)
+            raise FormatError(
+                f"{name} has rows of {in_features} weights, which none of the budget's candidates ({shown}) "
+                f"splits into blocks; keep it in float with --keep {name}"
+            )
+    return kept
 
 
 def _fused_groups(model: nn.Module, adapter: ArchAdapter, pinned: dict, target: str) -> list[tuple[str, ...]]:
@@ -176,6 +210,8 @@ def allocate(
         return Plan({n: targets.pinned.get(n, recipe.format) for n in targets.linears})
     if measurements is None:
         raise LowbitError("a budget plan needs the measurement pass's results")
+    if any(targets.unfit.get(n) for n in targets.linears):  # what the target cannot write is no choice
+        measurements = measurements.restricted(targets.unfit)
     budget, size = recipe.budget, targets.size
     cands = targets.candidates
     names = list(targets.linears)
@@ -268,9 +304,12 @@ def _choose_tables(
     kl = weighting == "kl"
     errors = [meas.weighted_errors(n, weighting if kl else "relative") for n in free]
     probe = probe_tables(model, free, size.tables, cands, windows, progress)
-    errors += [[0.0, *(probe.table_kl[t.name] if kl else probe.table_errors(t.name))] for t in size.tables]
+    for t in size.tables:
+        scored = probe.table_kl[t.name] if kl else probe.table_errors(t.name)
+        held = zip(scored, size.table_costs[t.name][1:], strict=True)
+        errors.append([0.0, *(math.inf if e is None or c is None else e for e, c in held)])
     if allocator == "upgrade":
         picks = upgrade_choice(costs, errors, size.linear_bits, extra=[0] * len(free) + [1] * len(names))
     else:
-        picks = solve_mckp(costs, errors, size.linear_bits)
+        picks = held_solve(solve_mckp, costs, errors, size.linear_bits)
     return dict(zip(names, picks[len(free) :], strict=True)), probe.to_dict()

@@ -51,14 +51,17 @@ def _refuse(budget_bpw: float, floor_bits: int, total: int, pinned: bool) -> Non
 
 def check_feasible(
     shapes: list[tuple[int, int]],
-    candidates: list[Format],
+    candidates: list[Format] | list[list[Format]],
     budget_bpw: float,
     reserved_bits: int = 0,
     reserved_numel: int = 0,
 ) -> None:
-    """Refuse an impossible budget before any slow measurement starts."""
+    """Refuse an impossible budget before any slow measurement starts. `candidates` is one list
+    for every layer, or a list per layer (those its rows can hold)."""
     total = sum(o * i for o, i in shapes) + reserved_numel
-    floor = sum(min(f.storage_bits(o, i) for f in candidates) for o, i in shapes) + reserved_bits
+    per_layer = candidates if candidates and isinstance(candidates[0], list) else [candidates] * len(shapes)
+    floor = sum(min(f.storage_bits(o, i) for f in fs) for (o, i), fs in zip(shapes, per_layer, strict=True))
+    floor += reserved_bits
     if floor > math.floor(budget_bpw * total):
         _refuse(budget_bpw, floor, total, reserved_numel > 0)
 
@@ -94,7 +97,9 @@ def plan_for_budget(
     numel = [r["numel"] for r in recs]
     total = sum(numel) + reserved_numel
     budget = math.floor(budget_bpw * total) - reserved_bits if budget_bits is None else budget_bits
-    floor = min_cost(costs)
+    floor = min_cost(
+        [[c for c, e in zip(cs, es, strict=True) if e < math.inf] for cs, es in zip(costs, errors, strict=True)]
+    )
     if floor > budget:
         _refuse(budget_bpw, floor + reserved_bits, total, reserved_numel > 0)
     items = _items(names, tied)
@@ -102,17 +107,23 @@ def plan_for_budget(
     item_errors = [_summed(errors, item) for item in items]
     item_numel = [sum(numel[k] for k in item) for item in items]
     if allocator == "knapsack":
-        picks = solve_mckp(item_costs, item_errors, budget)
+        picks = held_solve(solve_mckp, item_costs, item_errors, budget)
     elif allocator == "upgrade":
         picks = upgrade_choice(item_costs, item_errors, budget)
     else:
-        levels = [[c / n for c in cs] for cs, n in zip(item_costs, item_numel, strict=True)]
-        # BAQ's sensitivity c in L(b) = c 2^(-2b): geometric mean of the fits at every measured level
-        sens = [
-            math.exp(sum(math.log(max(e, 1e-300)) + 2 * b * math.log(2) for e, b in zip(es, lv, strict=True)) / len(es))
-            for es, lv in zip(item_errors, levels, strict=True)
-        ]
-        picks = baq_plan(sens, item_numel, levels, item_costs, budget)
+
+        def baq(costs_, errors_, budget_):
+            levels = [[c / n for c in cs] for cs, n in zip(costs_, item_numel, strict=True)]
+            # BAQ's sensitivity c in L(b) = c 2^(-2b): geometric mean of the fits at every measured level
+            sens = [
+                math.exp(
+                    sum(math.log(max(e, 1e-300)) + 2 * b * math.log(2) for e, b in zip(es, lv, strict=True)) / len(es)
+                )
+                for es, lv in zip(errors_, levels, strict=True)
+            ]
+            return baq_plan(sens, item_numel, levels, costs_, budget_)
+
+        picks = held_solve(baq, item_costs, item_errors, budget)
     choice = [0] * len(names)
     for item, j in zip(items, picks, strict=True):
         for k in item:
@@ -146,8 +157,21 @@ def _items(names: list[str], tied: list[tuple[str, ...]] | None) -> list[list[in
 
 
 def _summed(rows: list[list], item: list[int]) -> list:
-    """Candidate by candidate, the sum over an item's layers."""
-    return [sum(col) for col in zip(*(rows[k] for k in item), strict=True)]
+    """Candidate by candidate, the sum over an item's layers (None where a layer cannot hold it)."""
+    return [None if None in col else sum(col) for col in zip(*(rows[k] for k in item), strict=True)]
+
+
+def held_solve(solver, costs: list[list], errors: list[list[float]], budget: int) -> list[int]:
+    """`solver(costs, errors, budget)` over the candidates each item can hold (finite error),
+    its picks mapped back to indices into the full lists: the solvers take ragged lists, so a
+    format that fits only some layers (k-quants on rows of 256) is a choice for those alone."""
+    held = [[j for j, e in enumerate(es) if e < math.inf] for es in errors]
+    picks = solver(
+        [[cs[j] for j in ok] for cs, ok in zip(costs, held, strict=True)],
+        [[es[j] for j in ok] for es, ok in zip(errors, held, strict=True)],
+        budget,
+    )
+    return [ok[k] for ok, k in zip(held, picks, strict=True)]
 
 
 def upgrade_choice(
@@ -160,20 +184,23 @@ def upgrade_choice(
     measured, which made mixed plans lose to uniform int4 near 4.25 bpw) cannot be exploited.
 
     `extra[i]` leading candidates of item i (a table's float option) are not formats shared by
-    every item: they take no part in choosing the uniform base, but stay open if no worse."""
+    every item: they take no part in choosing the uniform base, but stay open if no worse.
+    A candidate some item cannot hold (error inf) cannot be the base; it stays open to the
+    items that can hold it."""
     items = list(zip(costs, errors, extra or [0] * len(costs), strict=True))
     shared = {len(c) - x for c, _, x in items}
     if len(shared) > 1:
         raise BudgetError("the upgrade allocator needs the same candidates for every layer")
 
     def uniform(j: int) -> tuple[int, float]:
-        """Total cost and summed error with shared candidate j everywhere."""
-        return sum(c[j + x] for c, _, x in items), sum(e[j + x] for _, e, x in items)
+        """Total cost and summed error with shared candidate j everywhere (inf: not everywhere held)."""
+        error = sum(e[j + x] for _, e, x in items)
+        return (sum(c[j + x] for c, _, x in items) if error < math.inf else math.inf), error
 
     totals = {j: uniform(j) for j in range(max(shared, default=0))}
     fitting = [j for j, (cost, _) in totals.items() if cost <= budget]
     if not fitting:  # no single format fits everywhere: fall back to the free knapsack
-        return solve_mckp(costs, errors, budget)
+        return held_solve(solve_mckp, costs, errors, budget)
     base = min(fitting, key=lambda j: (totals[j][1], -totals[j][0]))
     allowed = [[j for j in range(len(e)) if e[j] <= e[base + x]] for _, e, x in items]
     picks = solve_mckp(
@@ -211,8 +238,9 @@ def starting_plans(
             )
             starts[label] = other.choice
     n_cands = len(measurements.candidates)
-    spent = {j: sum(plan.costs[n][j] for n in free) for j in range(n_cands)}
-    fits = sorted((j for j in range(n_cands) if spent[j] <= plan.budget_bits), key=spent.get)
+    held = [j for j in range(n_cands) if all(measurements.layers[n]["errors"][j] is not None for n in free)]
+    spent = {j: sum(plan.costs[n][j] for n in free) for j in held}
+    fits = sorted((j for j in held if spent[j] <= plan.budget_bits), key=spent.get)
     for j in fits[-uniform:] if uniform else []:
         starts[f"uniform {format_from_dict(measurements.candidates[j]).name}"] = dict.fromkeys(free, j)
     return starts

@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +80,37 @@ class Measurements:
         On smollm2-135m at 2.5-3.5 bpw, knapsack plans under `relative` had 25-35 % lower
         KL than under `stream` or `raw` (BENCHMARKS.md). kl: relative times the KL per unit of
         relative error that probes measured for the layer's role and candidate (`kl_scale`), so
-        errors read as the KL they cause."""
+        errors read as the KL they cause.
+
+        A candidate the layer cannot hold (its rows do not split into the format's blocks, so the
+        pass recorded None, or the export target refuses it: `restricted`) has error inf."""
         rec = self.layers[name]
+        errors = [math.inf if e is None else e for e in rec["errors"]]
         if weighting == "kl":
             scale = self.kl_scale.get(layer_role(name))
             if scale is None:
                 raise LowbitError(f"the measurements hold no KL calibration for {name}; run the KL probe (kl_probe)")
-            return [e / max(rec["base"], 1e-300) * k for e, k in zip(rec["errors"], scale, strict=True)]
+            return [e / max(rec["base"], 1e-300) * k for e, k in zip(errors, scale, strict=True)]
         if weighting == "raw":
-            return list(rec["errors"])
+            return errors
         if weighting == "relative":
-            return [e / max(rec["base"], 1e-300) for e in rec["errors"]]
+            return [e / max(rec["base"], 1e-300) for e in errors]
         if weighting == "stream":
-            return [e / max(self.stream[str(rec["block"])], 1e-300) for e in rec["errors"]]
+            return [e / max(self.stream[str(rec["block"])], 1e-300) for e in errors]
         raise LowbitError(f"unknown error weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+
+    def restricted(self, unfit: dict[str, set[int]]) -> Measurements:
+        """A copy in which each layer's `unfit` candidates (those an export target cannot write
+        for it) are recorded as impossible, as the pass records those its rows cannot hold; the
+        copy shares the bank and is never saved over the file it came from."""
+        layers = dict(self.layers)
+        for name, bad in unfit.items():
+            if bad and name in layers:
+                rec = dict(layers[name])
+                rec["errors"] = [None if j in bad else e for j, e in enumerate(rec["errors"])]
+                rec["costs"] = [None if j in bad else c for j, c in enumerate(rec["costs"])]
+                layers[name] = rec
+        return replace(self, layers=layers)
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -164,6 +182,13 @@ class _MeasurementPass:
             recs[name] = {"block": block.index, "shape": list(w.shape), "numel": w.numel(), "costs": [], "errors": []}
             recs[name]["base"] = hessian_weighted_error(w.double(), h.double())  # tr(W H Wᵀ)
         for fmt in self.candidates:
+            if weights[0].shape[1] % fmt.row_multiple:  # rows that do not split into its blocks: not a choice here
+                for name in group:
+                    recs[name]["costs"].append(None)
+                    recs[name]["errors"].append(None)
+                    if self.keep_weights:
+                        solved[name].append(None)
+                continue
             parts, _ = gptq_quantize_stacked(
                 weights, h, fmt, **self.settings.solver_options(), name=", ".join(block.prefix + n for n in group)
             )
@@ -176,7 +201,7 @@ class _MeasurementPass:
         for name, rec in recs.items():
             self.result.layers[block.prefix + name] = rec
             if self.keep_weights:
-                every = range(len(self.candidates))
+                every = [j for j, e in enumerate(rec["errors"]) if e is not None]
                 front = every if self.keep_weights == "all" else pareto_front(rec["costs"], rec["errors"])
                 self.result.bank = self.result.bank or {}
                 self.result.bank[block.prefix + name] = {j: solved[name][j] for j in front}
@@ -254,9 +279,11 @@ def measure(
 
 
 def pareto_front(costs: list[int], errors: list[float]) -> list[int]:
-    """Candidate indices, cheapest first, each strictly more accurate than every cheaper one."""
+    """Candidate indices, cheapest first, each strictly more accurate than every cheaper one
+    (candidates the layer cannot hold, cost None, left out)."""
     front: list[int] = []
-    for j in sorted(range(len(costs)), key=lambda j: (costs[j], errors[j])):
+    held = [j for j in range(len(costs)) if costs[j] is not None]
+    for j in sorted(held, key=lambda j: (costs[j], errors[j])):
         if not front or errors[j] < errors[front[-1]]:
             if front and costs[j] == costs[front[-1]]:
                 continue

@@ -107,21 +107,28 @@ def size_budget(
     size_bytes: int,
     storage_dtype: torch.dtype,
     tables: list[Table] = (),
+    unfit: dict[str, set[int]] | None = None,
 ) -> SizeBudget:
     """What is left of `size_bytes` for the linears not pinned and the `tables`; refuses a size
-    below the cheapest plan before any slow work, naming the smallest size that works."""
+    below the cheapest plan before any slow work, naming the smallest size that works. A
+    candidate a layer or table cannot hold (`unfit`: name -> candidate indices) costs None there."""
+    unfit = unfit or {}
+
+    def cost(name: str, j: int, fmt: Format, shape: tuple[int, int]) -> int | None:
+        return None if j in unfit.get(name, ()) else 8 * layer_bytes(fmt, *shape)
+
     quantized = {n for n in shapes if pinned.get(n, True) is not None}
     table_names = {t.name for t in tables} | {t.tied_head for t in tables if t.tied_head}
     fixed, tensors = fixed_bytes(model, quantized | table_names, storage_dtype)
     fixed += sum(layer_bytes(f, *shapes[n]) for n, f in pinned.items() if f is not None)
     fixed += header_allowance(tensors + 3 * (len(quantized) + len(table_names)))  # qweight, scales, qzeros
-    costs = {n: [8 * layer_bytes(c, *s) for c in candidates] for n, s in shapes.items() if n not in pinned}
+    costs = {n: [cost(n, j, c, s) for j, c in enumerate(candidates)] for n, s in shapes.items() if n not in pinned}
     table_costs = {
         t.name: [8 * t.shape[0] * t.shape[1] * storage_dtype.itemsize]
-        + [8 * layer_bytes(c, *t.shape) for c in candidates]
+        + [cost(t.name, j, c, t.shape) for j, c in enumerate(candidates)]
         for t in tables
     }
-    floor = sum(min(c) for c in [*costs.values(), *table_costs.values()]) // 8
+    floor = sum(min(x for x in c if x is not None) for c in [*costs.values(), *table_costs.values()]) // 8
     if size_bytes - fixed < floor:
         smallest = fixed + floor
         raise BudgetError(
