@@ -4,6 +4,7 @@ gguf package (bit-exact dequantization) and by llama.cpp itself (xllamacpp)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -459,7 +460,8 @@ def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, 
 
 
 def test_hugging_face_metadata_refusals_name_what_is_missing(tmp_path, smollm2_tokenizer_dir):
-    """Checked before any tensor is packed: rope scaling, a tokenizer without tokenizer.json."""
+    """Checked before any tensor is packed: rope scaling, a tokenizer without tokenizer.json, a
+    SentencePiece unigram one."""
     from conftest import TINY_CONFIGS
     from transformers import AutoConfig
 
@@ -467,8 +469,14 @@ def test_hugging_face_metadata_refusals_name_what_is_missing(tmp_path, smollm2_t
 
     base = {**TINY_CONFIGS["llama"], "vocab_size": 49152}
     AutoConfig.for_model("llama", **base).save_pretrained(tmp_path / "plain")
-    with pytest.raises(FormatError, match=r"has no tokenizer\.json .*; SentencePiece tokenizers are not written"):
+    with pytest.raises(FormatError, match=r"has no tokenizer\.json, .*save_pretrained\(SOURCE\).* and export again"):
         hf_metadata(tmp_path / "plain")
+    from tokenizers import Tokenizer, models
+
+    AutoConfig.for_model("llama", **base).save_pretrained(tmp_path / "unigram")
+    Tokenizer(models.Unigram([("<unk>", 0.0), ("▁a", -1.0)], unk_id=0)).save(str(tmp_path / "unigram/tokenizer.json"))
+    with pytest.raises(FormatError, match=r"SentencePiece unigram tokenizers are not written to GGUF yet"):
+        hf_metadata(tmp_path / "unigram")
     scaled = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 128, "rope_theta": 5e5}
     scaled.update(low_freq_factor=1.0, high_freq_factor=4.0)
     AutoConfig.for_model("llama", **base, rope_parameters=scaled).save_pretrained(tmp_path / "scaled")
@@ -610,3 +618,81 @@ def test_a_layer_no_candidate_fits_is_named(smollm2_tokenizer_dir, tmp_path):
     source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir, intermediate_size=256)
     with pytest.raises(FormatError, match=r"model.layers.0.self_attn.q_proj has rows of 64 weights.*--keep"):
         find_targets(lowbit.load_model(source).model, get_adapter("llama"), recipe)
+
+
+def _sentencepiece_style_tokenizer(corpus: str, style: str):
+    """A Llama-2-style tokenizer.json trained on `corpus`: BPE falling back to the 256 byte
+    tokens (ids 3..258, as in Llama 2), spaces written as "▁" and one prefixed, by a normalizer
+    (Llama 2's files) or by a Metaspace pre-tokenizer (transformers' non-legacy ones)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained.train_from_iterator(
+        [corpus], trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False)
+    )
+    spec = json.loads(trained.to_str())["model"]
+    rest = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + rest)}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if style == "normalizer":
+        tok.normalizer = trained.normalizer
+    else:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("style", ["normalizer", "metaspace"])
+def test_a_sentencepiece_style_tokenizer_is_written_so_llama_cpp_splits_text_the_same(style, tmp_path):
+    """Llama 2 / Mistral tokenizers (byte fallback, "▁" for spaces): llama.cpp's llama tokenizer
+    gives tokenizer.json's ids on text with bytes outside the vocabulary, runs of spaces, tabs,
+    newlines and special tokens; and runs the model (KL < 1e-3). Without the merge-rank scores
+    it would split most of these texts differently. (After a special token llama.cpp prefixes a
+    space as Llama 2's normalizer does; a Metaspace pre-tokenizer that prefixes only the text's
+    first piece differs there, so that style is checked on text without special tokens.)"""
+    from conftest import TINY_CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from lowbit.eval.llamacpp import LlamaCppModel
+    from lowbit.export.gguf import export_gguf
+
+    tok = _sentencepiece_style_tokenizer((Path(__file__).parents[1] / "README.md").read_text(), style)
+    source = tmp_path / "src"
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(source)
+    torch.manual_seed(0)
+    options = {**TINY_CONFIGS["llama"], "vocab_size": tok.get_vocab_size(), "bos_token_id": 1, "eos_token_id": 2}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **options)).save_pretrained(source)
+    loaded = lowbit.load_model(source)
+    q = lowbit.quantize(loaded.model, format="q8_0", method="rtn", target="gguf", progress=False)
+    lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    out = export_gguf(tmp_path / "art", tmp_path / "m.gguf")
+    fields = GGUFReader(str(out)).fields
+    assert str(fields["tokenizer.ggml.model"].contents()) == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    texts = [
+        *(["<s>Hello there</s> again"] if style == "normalizer" else []),
+        "Hello wörld 🦙 3.14\n\tdone  twice",
+        "The quick brown fox, 1234 times:\n\tdone!",
+        "quantize the model with lowbit --bits 4.25",
+        "Wie heißt du? Ünïcødé ☃ 漢字",
+    ]
+    engine = LlamaCppModel(out, context=128)
+    try:
+        for text in texts:
+            assert engine.tokenize(text) == tok.encode(text, add_special_tokens=False).ids, text
+        ids = torch.tensor([tok.encode(" ".join(texts), add_special_tokens=False).ids[:48]])
+        theirs = torch.log_softmax(engine(ids).logits[0], -1)
+    finally:
+        engine.close()
+    with torch.no_grad():
+        ours = torch.log_softmax(q(ids).logits[0].float(), -1)
+    assert (theirs.exp() * (theirs - ours)).sum(-1).max().item() < 1e-3

@@ -6,13 +6,23 @@ architecture's hyperparameter keys, and for a byte-level BPE tokenizer ("gpt2") 
 token types, merges and a pre-tokenizer name. llama.cpp picks its pre-tokenizer (the regex that
 splits text before BPE) by that name; like llama.cpp's own converter, lowbit identifies it by
 hashing the token ids the tokenizer gives a fixed probe text, so a tokenizer that splits text
-differently is refused instead of silently mis-tokenized. SentencePiece tokenizers (Llama 2,
-Mistral v0.1) and rope scaling (Llama 3.1+) are not written yet; both are refused by name.
+differently is refused instead of silently mis-tokenized.
+
+SentencePiece-style BPE (Llama 2, Mistral, TinyLlama: a tokenizer.json whose BPE model falls
+back to byte tokens <0x00>..<0xFF> and writes spaces as "▁") becomes llama.cpp's "llama"
+tokenizer: tokens, token types (byte, control, unknown, user-defined), and scores. llama.cpp
+merges the adjacent pair whose joined token scores highest, so a token's score is minus the
+rank of the merge that makes it, which replays tokenizer.json's merge order. Whether a space is
+prefixed to the text comes from tokenizer.json's normalizer or Metaspace pre-tokenizer.
+SentencePiece unigram models, a tokenizer without tokenizer.json, and rope scaling (Llama
+3.1+) are not written yet; each is refused by name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,19 +90,16 @@ def hf_metadata(source: Path) -> tuple[Shape, Callable[[GGUFWriter], None]]:
         raise FormatError(f"{source}: rope scaling {kind!r} is not written to GGUF yet; models without it export")
     if not (source / "tokenizer.json").is_file():
         raise FormatError(
-            f"{source} has no tokenizer.json (a byte-level BPE tokenizer); SentencePiece tokenizers are not "
-            "written to GGUF yet"
+            f"{source} has no tokenizer.json, which lowbit reads the vocabulary from; write one with "
+            "transformers (AutoTokenizer.from_pretrained(SOURCE).save_pretrained(SOURCE), which converts a "
+            "SentencePiece tokenizer.model) and export again"
         )
     # tokenizer.json itself, as llama.cpp will reproduce it (transformers 5 may substitute a
     # model-specific pre-tokenizer for some model types)
+    spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
-    digest = hashlib.sha256(str(tokenizer.encode(PROBE).ids).encode()).hexdigest()
-    pre = PRE_TOKENIZERS.get(digest)
-    if pre is None:
-        raise FormatError(
-            f"{source}'s tokenizer splits text in a way lowbit cannot name for llama.cpp (probe hash {digest[:12]}); "
-            f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}"
-        )
+    spm = _sentencepiece_style(spec, source)
+    pre = None if spm is not None else _pre_tokenizer(tokenizer, source)
 
     def write(writer: GGUFWriter) -> None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // shape.heads
@@ -111,9 +118,93 @@ def hf_metadata(source: Path) -> tuple[Shape, Callable[[GGUFWriter], None]]:
             writer.add_value_length(head_dim)
         if shape.arch == "llama":
             writer.add_rope_dimension_count(head_dim)
-        _write_tokenizer(writer, source, config.vocab_size, tokenizer, pre)
+        if spm is not None:
+            _write_spm_tokenizer(writer, source, config.vocab_size, tokenizer, spec, spm)
+        else:
+            _write_tokenizer(writer, source, config.vocab_size, tokenizer, pre)
 
     return shape, write
+
+
+def _pre_tokenizer(tokenizer: Tokenizer, source: Path) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, from the probe's ids."""
+    digest = hashlib.sha256(str(tokenizer.encode(PROBE).ids).encode()).hexdigest()
+    pre = PRE_TOKENIZERS.get(digest)
+    if pre is None:
+        raise FormatError(
+            f"{source}'s tokenizer splits text in a way lowbit cannot name for llama.cpp (probe hash {digest[:12]}); "
+            f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}"
+        )
+    return pre
+
+
+def _sentencepiece_style(spec: dict, source: Path) -> bool | None:
+    """For a SentencePiece-style tokenizer.json, whether a space is prefixed to the text;
+    None for a byte-level BPE one. Refuses SentencePiece variants llama.cpp's "llama"
+    tokenizer would split differently."""
+    model = spec.get("model") or {}
+    if model.get("type") == "Unigram":
+        raise FormatError(f"{source}: SentencePiece unigram tokenizers are not written to GGUF yet")
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    parts = _flatten(spec.get("normalizer")) + _flatten(spec.get("pre_tokenizer"))
+    prefix = any(p.get("type") == "Prepend" and p.get("prepend") == "▁" for p in parts)
+    for p in parts:
+        if p.get("type") == "Metaspace":
+            prefix = prefix or p.get("prepend_scheme", "always") != "never" and p.get("add_prefix_space", True)
+        elif p.get("type") not in ("Prepend", "Replace"):
+            raise FormatError(
+                f"{source}: a SentencePiece-style tokenizer with a {p.get('type')} step is not written to GGUF "
+                "yet (llama.cpp's llama tokenizer would split text differently)"
+            )
+    return bool(prefix)
+
+
+def _flatten(step: dict | None) -> list[dict]:
+    """A normalizer or pre-tokenizer as its list of steps (a Sequence opened up)."""
+    if step is None:
+        return []
+    if step.get("type") == "Sequence":
+        inner = step.get("normalizers") or step.get("pretokenizers") or []
+        return [x for s in inner for x in _flatten(s)]
+    return [step]
+
+
+def _write_spm_tokenizer(
+    writer: GGUFWriter, source: Path, vocab_size: int, tokenizer: Tokenizer, spec: dict, space_prefix: bool
+) -> None:
+    model = spec["model"]
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    rank = {}
+    for r, (a, b) in enumerate(merges):
+        rank.setdefault(a + b, r)
+    by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    added = tokenizer.get_added_tokens_decoder()
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:  # embedding rows past the tokenizer's vocabulary
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(TokenType.UNUSED)
+            continue
+        tokens.append(text)
+        scores.append(-float(rank[text]) if text in rank else 0.0)
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+            types.append(TokenType.BYTE)
+        elif text == model.get("unk_token"):
+            types.append(TokenType.UNKNOWN)
+        elif i in added:
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+        else:
+            types.append(TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(space_prefix)
+    SpecialVocab(source, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
 def _write_tokenizer(writer: GGUFWriter, source: Path, vocab_size: int, tokenizer: Tokenizer, pre: str) -> None:
