@@ -419,12 +419,13 @@ def _hf_source_with_tokenizer(folder: Path, arch: str, tokenizer_dir: Path, **co
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, smollm2_tokenizer_dir, tmp_path):
     """No source GGUF to copy from: architecture keys come from config.json, the tokenizer from
     tokenizer.json. llama.cpp then tokenizes text (special tokens and the chat template
     included) to tokenizer.json's ids, and computes lowbit's distribution (KL < 1e-3; llama's q/k
-    rows permuted, qwen2's biases and qwen3's q/k norms carried). (For qwen2/qwen3, transformers
+    rows permuted, qwen2's biases, qwen3's q/k norms carried, gemma3's (1 + w) norms written as
+    llama.cpp's w, its sliding-window layers and their own rope base). (For qwen2/qwen3, transformers
     5 swaps in Qwen's own pre-tokenizer, so its AutoTokenizer splits this SmolLM2 vocabulary
     differently; a real Qwen tokenizer.json already holds that pre-tokenizer.)"""
     from tokenizers import Tokenizer
@@ -432,14 +433,17 @@ def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, 
 
     from lowbit.eval.llamacpp import LlamaCppModel
     from lowbit.export.gguf import export_gguf
+    from lowbit.export.gguf_metadata import ARCHITECTURES
 
-    source = _hf_source_with_tokenizer(tmp_path / "src", arch, smollm2_tokenizer_dir)
+    # gemma3: queries scaled by head_dim, as llama.cpp assumes (the default 256 is Gemma 3's real head_dim)
+    extra = {"query_pre_attn_scalar": 16} if arch == "gemma3_text" else {}
+    source = _hf_source_with_tokenizer(tmp_path / "src", arch, smollm2_tokenizer_dir, **extra)
     loaded = lowbit.load_model(source)
     q = lowbit.quantize(loaded.model, format="q8_0", method="rtn", target="gguf", progress=False)
     lowbit.save(q, tmp_path / "art", loaded.tokenizer)
     out = export_gguf(tmp_path / "art", tmp_path / "m.gguf")
     reader = GGUFReader(str(out))
-    assert str(reader.fields["general.architecture"].contents()) == arch
+    assert str(reader.fields["general.architecture"].contents()) == ARCHITECTURES[arch]
     assert str(reader.fields["tokenizer.ggml.pre"].contents()) == "smollm"
     assert "<|im_start|>" in str(reader.fields["tokenizer.chat_template"].contents())
     chat = AutoTokenizer.from_pretrained(source).apply_chat_template(
@@ -461,7 +465,8 @@ def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, 
 
 def test_hugging_face_metadata_refusals_name_what_is_missing(tmp_path, smollm2_tokenizer_dir):
     """Checked before any tensor is packed: rope scaling, a tokenizer without tokenizer.json, a
-    SentencePiece unigram one."""
+    SentencePiece unigram one, a Gemma 3 whose query scale or attention pattern llama.cpp would
+    not reproduce."""
     from conftest import TINY_CONFIGS
     from transformers import AutoConfig
 
@@ -477,6 +482,16 @@ def test_hugging_face_metadata_refusals_name_what_is_missing(tmp_path, smollm2_t
     Tokenizer(models.Unigram([("<unk>", 0.0), ("▁a", -1.0)], unk_id=0)).save(str(tmp_path / "unigram/tokenizer.json"))
     with pytest.raises(FormatError, match=r"SentencePiece unigram tokenizers are not written to GGUF yet"):
         hf_metadata(tmp_path / "unigram")
+    gemma = {**TINY_CONFIGS["gemma3_text"], "vocab_size": 49152}
+    AutoConfig.for_model("gemma3_text", **gemma).save_pretrained(tmp_path / "gemma27b")  # query scale 256, head_dim 16
+    with pytest.raises(FormatError, match=r"query_pre_attn_scalar 256 differs from head_dim 16"):
+        hf_metadata(tmp_path / "gemma27b")
+    every = ["full_attention", "full_attention"]
+    AutoConfig.for_model("gemma3_text", **gemma, query_pre_attn_scalar=16, layer_types=every).save_pretrained(
+        tmp_path / "gemma-global"
+    )
+    with pytest.raises(FormatError, match=r"layer_types is not Gemma 3's five sliding layers to one global one"):
+        hf_metadata(tmp_path / "gemma-global")
     scaled = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 128, "rope_theta": 5e5}
     scaled.update(low_freq_factor=1.0, high_freq_factor=4.0)
     AutoConfig.for_model("llama", **base, rope_parameters=scaled).save_pretrained(tmp_path / "scaled")

@@ -43,6 +43,8 @@ from lowbit.targets import TARGETS
 # architectures whose llama.cpp graph reads q/k rows in GGUF's permuted order
 _PERMUTED_QK = {"llama"}
 _ARCH_BY_NAME = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
+# architectures whose RMSNorm weights are stored as w - 1 by Hugging Face (Gemma: x * (1 + w))
+_UNIT_OFFSET_NORMS = {"gemma3"}
 
 
 def check_artifact_fits(manifest: dict) -> None:
@@ -136,7 +138,10 @@ def export_gguf(artifact: str | os.PathLike, out: str | os.PathLike, overwrite: 
                     used[t.name] += 1
                 continue
             gname = gguf_name(key)
-            tensors.append((gname, permuted(gname, _float(f.get_tensor(key))), None))
+            t = f.get_tensor(key)
+            if arch_name in _UNIT_OFFSET_NORMS and gname.endswith("norm.weight"):
+                t = t.float() + 1.0  # Gemma's norms scale by (1 + w); llama.cpp's by w
+            tensors.append((gname, permuted(gname, _float(t)), None))
     tensors.sort(key=lambda x: _order(x[0]))
 
     writer_out = out.with_name(f".{out.name}.partial-{os.getpid()}")

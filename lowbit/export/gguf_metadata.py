@@ -27,13 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGUFWriter, SpecialVocab, TokenType
+from gguf import GGUFWriter, RopeScalingType, SpecialVocab, TokenType
 from tokenizers import Tokenizer
 
 from lowbit.errors import FormatError
 
 # Hugging Face model_type -> llama.cpp architecture (Mistral runs on llama's graph)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+# llama.cpp's gemma3 graph: every sixth layer attends globally, the others in a sliding window
+GEMMA3_PATTERN = 6
 
 # The probe text of llama.cpp's converter (convert_hf_to_gguf.py, get_vocab_base_pre): its token
 # ids, hashed, identify a BPE pre-tokenizer.
@@ -82,12 +84,18 @@ def hf_metadata(source: Path) -> tuple[Shape, Callable[[GGUFWriter], None]]:
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     shape = hf_shape(config)
-    # transformers >= 5 keeps rope settings in rope_parameters; older releases in rope_theta/rope_scaling
+    # transformers >= 5 keeps rope settings in rope_parameters (per layer type for Gemma 3); older
+    # releases in rope_theta/rope_scaling
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    local = rope.pop("sliding_attention", None)
+    rope = rope.pop("full_attention", None) or rope
     theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
     kind = rope.get("rope_type") or rope.get("type")
-    if kind not in (None, "default"):
+    linear = shape.arch == "gemma3" and kind == "linear"  # Gemma 3 4B-27B: global layers' positions scaled
+    if kind not in (None, "default") and not linear:
         raise FormatError(f"{source}: rope scaling {kind!r} is not written to GGUF yet; models without it export")
+    if shape.arch == "gemma3":
+        _check_gemma3(config, local, source)
     if not (source / "tokenizer.json").is_file():
         raise FormatError(
             f"{source} has no tokenizer.json, which lowbit reads the vocabulary from; write one with "
@@ -118,12 +126,39 @@ def hf_metadata(source: Path) -> tuple[Shape, Callable[[GGUFWriter], None]]:
             writer.add_value_length(head_dim)
         if shape.arch == "llama":
             writer.add_rope_dimension_count(head_dim)
+        if shape.arch == "gemma3":
+            writer.add_sliding_window(config.sliding_window)
+            writer.add_rope_freq_base_swa(float((local or {}).get("rope_theta") or 10000.0))
+            if linear:
+                writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(float(rope["factor"]))
         if spm is not None:
             _write_spm_tokenizer(writer, source, config.vocab_size, tokenizer, spec, spm)
         else:
             _write_tokenizer(writer, source, config.vocab_size, tokenizer, pre)
 
     return shape, write
+
+
+def _check_gemma3(config, local: dict | None, source: Path) -> None:
+    """Refuse a Gemma 3 that llama.cpp's gemma3 graph would compute differently: it scales
+    queries by 1/sqrt(head_dim), puts every sixth layer in full attention and rotates the
+    sliding layers' positions without scaling."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+    if scalar != head_dim:
+        raise FormatError(
+            f"{source}: query_pre_attn_scalar {scalar} differs from head_dim {head_dim} (Gemma 3 27B); llama.cpp "
+            "decides that scale by model size, which lowbit does not write yet"
+        )
+    types = list(getattr(config, "layer_types", None) or [])
+    pattern = ["full_attention" if (i + 1) % GEMMA3_PATTERN == 0 else "sliding_attention" for i in range(len(types))]
+    if types != pattern:
+        raise FormatError(
+            f"{source}: layer_types is not Gemma 3's five sliding layers to one global one, which llama.cpp assumes"
+        )
+    if local is not None and (local.get("rope_type") or "default") != "default":
+        raise FormatError(f"{source}: rope scaling on the sliding layers is not written to GGUF yet")
 
 
 def _pre_tokenizer(tokenizer: Tokenizer, source: Path) -> str:
