@@ -437,6 +437,10 @@ def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, 
 
     # gemma3: queries scaled by head_dim, as llama.cpp assumes (the default 256 is Gemma 3's real head_dim)
     extra = {"query_pre_attn_scalar": 16} if arch == "gemma3_text" else {}
+    if arch == "gemma3_text":  # six layers: five in a window of 8 (shorter than the text), one global, rope-scaled
+        rope = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+        extra.update(num_hidden_layers=6, sliding_window=8, rope_parameters=rope)
     source = _hf_source_with_tokenizer(tmp_path / "src", arch, smollm2_tokenizer_dir, **extra)
     loaded = lowbit.load_model(source)
     q = lowbit.quantize(loaded.model, format="q8_0", method="rtn", target="gguf", progress=False)
