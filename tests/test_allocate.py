@@ -142,6 +142,9 @@ def test_a_candidate_some_layers_cannot_hold_is_a_choice_for_the_others_only(all
     else:
         assert [plan.choice[f"model.layers.{i}.mlp.down_proj"] for i in range(3)] == [1, 1, 2]
         assert plan.predicted_error == pytest.approx((1.0 + 1.0 + 0.5) / 10)
+    unheld = meas.restricted({"model.layers.0.mlp.down_proj": {0}})  # a target that cannot write int3 there
+    assert unheld.layers["model.layers.0.mlp.down_proj"]["errors"] == [None, 1.0, None]
+    assert meas.layers["model.layers.0.mlp.down_proj"]["errors"] == [9.0, 1.0, None]  # the original stays
     tight = plan_for_budget(meas, 3.34, allocator)  # room for one 4-bit layer: the unheld one at 3
     assert all(j != 2 for n, j in tight.choice.items() if not n.startswith("model.layers.2"))
     assert tight.achieved_bpw <= 3.34

@@ -27,6 +27,8 @@ def test_pareto_front_drops_dominated_candidates():
     errors = [5.0, 3.0, 2.0, 2.5, 1.0, 1.0]
     # 20/3.0 loses to 20/2.0; 30/2.5 is dearer and worse than 20/2.0; 50/1.0 is no better than 40/1.0
     assert pareto_front(costs, errors) == [0, 2, 4]
+    # a candidate the layer cannot hold (None: a k-quant on rows not of 256) is never on its front
+    assert pareto_front([10, None, 30], [5.0, None, 1.0]) == [0, 2]
 
 
 def test_a_dominated_start_moves_to_the_best_front_candidate_no_dearer():
