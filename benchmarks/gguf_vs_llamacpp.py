@@ -8,7 +8,7 @@ importance matrix or the k-quant "_M" mixes need llama-quantize built from sourc
 Q4_1 and Q5_1 contain smollm2's own grid, protocol.md: not a quality comparison.)
 
 lowbit's files: `lowbit quantize smollm2-135m --target gguf --size S` (GPTQ; the budget's plan
-over the default candidates Q4_0/IQ4_NL/Q5_0/Q8_0 per tensor, the embedding F16 or one of them)
+over the default candidates per tensor, or `--candidates`; the embedding F16 or one of them)
 with S chosen so that the exported GGUF is no larger than llama.cpp's file of that type, then
 `lowbit export`; lowbit at a given file size (`bytes:N`: the exported GGUF at most N bytes, for
 llama-quantize's files measured by gguf_imatrix.py); and the uniform `--bits 4 --target gguf`
@@ -96,6 +96,11 @@ def main() -> None:
         default=",".join(TYPES),
         help="llama.cpp's files to build and score (comma-separated; empty for none)",
     )
+    ap.add_argument(
+        "--candidates",
+        help="lowbit's budget candidates (`lowbit quantize --candidates`); default: the target's. On smollm2 "
+        "give q2_k,q3_k,q4_0,iq4_nl,q5_0,q6_k,q8_0: Q4_K and Q5_K nearly reproduce its Q4_1 source grid",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = resolve_model_source("smollm2-135m")
@@ -127,6 +132,8 @@ def main() -> None:
         if not out.exists():
             cmd = [args.lowbit, "quantize", "smollm2-135m", "--target", "gguf", *options, "--out", str(art)]
             cmd += ["--measurements", str(args.work / "measurements.json"), "--overwrite", "--json"]
+            if args.candidates and options[0] == "--size":  # a budget
+                cmd += ["--candidates", args.candidates]
             stdout, wall, rss = timed(cmd)
             (args.work / f"lowbit-{name}.quantize.json").write_text(
                 json.dumps({**json.loads(stdout), "command_seconds": wall, "peak_rss_mb": rss})

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         '"PATTERN=FORMAT" fixes their format, e.g. "*.0.self_attn.*=8bit,*.29.mlp.down_proj=int6-g64"',
     )
     q.add_argument(
+        "--candidates",
+        help="budget runs: the formats each layer may get, comma-separated (names as in --format, e.g. "
+        "q4_0,q5_0,q6_k,q8_0); default: integer grids of 2, 3, 4, 5, 6 and 8 bits in groups of 32, 64 and "
+        "128, or every type the --target holds but q4_1/q5_1",
+    )
+    q.add_argument(
         "--measurements",
         help="budget runs: JSON file of per-layer errors; written by the first run, reused by later ones "
         "(same model, calibration and candidates) so a new budget plans in seconds",
@@ -314,6 +320,7 @@ def recipe_from_args(args: argparse.Namespace):
         refine_windows=args.refine_windows,
         keep=args.keep,
         format=args.format,
+        candidates=args.candidates,
     )
 
 

@@ -229,7 +229,7 @@ class Recipe:
         gptq: GPTQSettings | None = None,
         budget_bpw: float | None = None,
         size_bytes: int | None = None,
-        candidates: list[Format] | tuple[Format, ...] | None = None,
+        candidates: str | list[Format] | tuple[Format, ...] | None = None,
         allocator: str = "upgrade",
         weighting: str = "relative",
         refine_seconds: float = 0.0,
@@ -248,7 +248,8 @@ class Recipe:
         Without one, the group size defaults to 128 and the grid to asymmetric.
 
         `format` names every layer's format outright (e.g. "iq4_nl", "q5_0", "int3-g64-sym", or
-        a Format), for the grids `bits` cannot name; it excludes a budget."""
+        a Format), for the grids `bits` cannot name; it excludes a budget. `candidates` (Formats,
+        or names such as "q4_0,q5_0,q6_k,q8_0") replaces a budget's default candidates."""
         tgt = target_named(target) if target is not None else None
         explicit = group_size != "default" or symmetric is not None
         if tgt is not None:  # what the user did not name comes from the target's own grid
@@ -268,6 +269,15 @@ class Recipe:
                 raise LowbitError("GPTQ settings were given for --method rtn; drop them or use --method gptq")
             solver = RTNSettings(clip_search=bool(clip_search))
         budget = None
+        if isinstance(candidates, str):
+            names = [c.strip() for c in candidates.split(",") if c.strip()]
+            if not names:
+                raise LowbitError("--candidates names no format; give a comma-separated list such as q4_0,q5_0,q8_0")
+            candidates = list(dict.fromkeys(parse_format(c, group_size, symmetric, "--candidates") for c in names))
+        if candidates and budget_bpw is None and size_bytes is None:
+            raise LowbitError(
+                "--candidates are what a budget chooses from; give --bits with a decimal, --bpw or --size"
+            )
         if budget_bpw is not None or size_bytes is not None:
             budget = Budget(
                 bpw=budget_bpw,

@@ -182,6 +182,28 @@ def test_bpw_and_bits_with_a_decimal_point_are_one_budget_and_seqlen_spellings_a
     assert old.calibration.seqlen == new.calibration.seqlen == 256
 
 
+def test_candidates_name_a_budgets_formats(capsys, tmp_path, tiny_model_dir):
+    """--candidates replaces the default candidates (llama.cpp names or lowbit's), in the order
+    given, duplicates once; without a budget, empty, or unknown, it is refused on one line."""
+    from lowbit.cli import build_parser, recipe_from_args
+    from lowbit.formats import IntFormat
+
+    def recipe(*argv):
+        return recipe_from_args(build_parser().parse_args(["quantize", "m", "--out", "o", *argv]))
+
+    r = recipe("--target", "gguf", "--size", "90MB", "--candidates", "q4_0, q6_k,q8_0,q4_0")
+    assert [f.name for f in r.budget.candidates] == ["int4-g32-sym", "q6_k", "int8-g32-sym"]
+    r = recipe("--bits", "3.5", "--candidates", "int3-g64,int4")
+    assert r.budget.candidates == (IntFormat(3, 64), IntFormat(4, 128))
+    for argv, message in [
+        (["--bits", "4", "--candidates", "q4_0"], "--candidates are what a budget chooses from"),
+        (["--bits", "3.5", "--candidates", " , "], "--candidates names no format"),
+        (["--bits", "3.5", "--candidates", "int4,q9_9"], "unknown format 'q9_9' in --candidates"),
+    ]:
+        code, _, err = run(capsys, "quantize", tiny_model_dir, "--out", tmp_path / "o", *argv)
+        one_line_error(code, err, message)
+
+
 @pytest.mark.parametrize("gs", ["0", "-3", "abc", "1.5"])
 def test_bad_group_size(capsys, tmp_path, tiny_model_dir, gs):
     code, _, err = run(capsys, "quantize", tiny_model_dir, "--bits", "4", "--group-size", gs, "--out", tmp_path / "o")
