@@ -278,7 +278,9 @@ def test_export_refusals(tiny_gguf_artifact, tmp_path, tiny_model_dir):
     opt = lowbit.load_model(tmp_path / "opt-src").model
     lowbit.quantize(opt, bits=4, method="rtn", target="gguf", progress=False)
     lowbit.save(opt, tmp_path / "opt")
-    with pytest.raises(FormatError, match=r"architecture 'opt' is not supported; lowbit writes llama, mistral, qwen2"):
+    with pytest.raises(
+        FormatError, match=r"architecture 'opt' is not supported; lowbit writes gemma3_text, llama, mistral, qwen2"
+    ):
         export_gguf(tmp_path / "opt", tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf*")) or list(tmp_path.glob("*.gguf*")) == [tmp_path / "exists.gguf"]
 
