@@ -290,6 +290,8 @@ def recipe_from_args(args: argparse.Namespace):
         raise LowbitError("give --bits (e.g. --bits 4, or a budget such as --bits 3.25), --bpw, --size or --format")
     if size is not None and bits is not None:
         raise LowbitError("give --bits/--bpw or --size, not both")
+    if args.candidates is not None and size is None and not isinstance(bits, float):
+        raise LowbitError("--candidates are what a budget chooses from; give --bits with a decimal, --bpw or --size")
     gptq = None
     if args.method == "gptq":
         gptq = GPTQSettings(

@@ -274,10 +274,6 @@ class Recipe:
             if not names:
                 raise LowbitError("--candidates names no format; give a comma-separated list such as q4_0,q5_0,q8_0")
             candidates = list(dict.fromkeys(parse_format(c, group_size, symmetric, "--candidates") for c in names))
-        if candidates and budget_bpw is None and size_bytes is None:
-            raise LowbitError(
-                "--candidates are what a budget chooses from; give --bits with a decimal, --bpw or --size"
-            )
         if budget_bpw is not None or size_bytes is not None:
             budget = Budget(
                 bpw=budget_bpw,
