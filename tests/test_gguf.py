@@ -433,7 +433,6 @@ def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, 
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from lowbit.eval.llamacpp import LlamaCppModel
     from lowbit.export.gguf import export_gguf
     from lowbit.export.gguf_metadata import ARCHITECTURES
 
@@ -456,16 +455,27 @@ def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, 
         [{"role": "user", "content": "Wie heißt du? 🦙 3.14"}], tokenize=False
     )
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
-    engine = LlamaCppModel(out, context=128)
+    _llama_cpp_agrees(out, tokenizer, ["The quick brown fox, 1234 times:\n\tdone!", chat], q)
+
+
+def _llama_cpp_agrees(gguf_file: Path, tokenizer, texts: list[str], model) -> None:
+    """llama.cpp tokenizes each text to `tokenizer`'s ids and computes `model`'s next-token
+    distributions on the first 48 tokens of them all (KL < 1e-3 at every position)."""
+    from lowbit.eval.llamacpp import LlamaCppModel
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    engine = LlamaCppModel(gguf_file, context=128)
     try:
-        for text in (plain := "The quick brown fox, 1234 times:\n\tdone!", chat):
-            assert engine.tokenize(text) == tokenizer.encode(text, add_special_tokens=False).ids, text
-        ids = torch.tensor([tokenizer.encode(plain + " " + chat, add_special_tokens=False).ids[:48]])
+        for text in texts:
+            assert engine.tokenize(text) == encode(text), text
+        ids = torch.tensor([encode(" ".join(texts))[:48]])
         theirs = torch.log_softmax(engine(ids).logits[0], -1)
     finally:
         engine.close()
     with torch.no_grad():
-        ours = torch.log_softmax(q(ids).logits[0].float(), -1)
+        ours = torch.log_softmax(model(ids).logits[0].float(), -1)
     assert (theirs.exp() * (theirs - ours)).sum(-1).max().item() < 1e-3
 
 
@@ -682,7 +692,6 @@ def test_a_sentencepiece_style_tokenizer_is_written_so_llama_cpp_splits_text_the
     from conftest import TINY_CONFIGS
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from lowbit.eval.llamacpp import LlamaCppModel
     from lowbit.export.gguf import export_gguf
 
     tok = _sentencepiece_style_tokenizer((Path(__file__).parents[1] / "README.md").read_text(), style)
@@ -706,14 +715,4 @@ def test_a_sentencepiece_style_tokenizer_is_written_so_llama_cpp_splits_text_the
         "quantize the model with lowbit --bits 4.25",
         "Wie heißt du? Ünïcødé ☃ 漢字",
     ]
-    engine = LlamaCppModel(out, context=128)
-    try:
-        for text in texts:
-            assert engine.tokenize(text) == tok.encode(text, add_special_tokens=False).ids, text
-        ids = torch.tensor([tok.encode(" ".join(texts), add_special_tokens=False).ids[:48]])
-        theirs = torch.log_softmax(engine(ids).logits[0], -1)
-    finally:
-        engine.close()
-    with torch.no_grad():
-        ours = torch.log_softmax(q(ids).logits[0].float(), -1)
-    assert (theirs.exp() * (theirs - ours)).sum(-1).max().item() < 1e-3
+    _llama_cpp_agrees(out, tok, texts, q)
