@@ -172,10 +172,15 @@ TARGETS: dict[str, Target] = {
 }
 
 
+def fits(fmt: Format, in_features: int, target: Target | None = None) -> bool:
+    """Whether rows of `in_features` weights split into `fmt`'s blocks (the target's, if given)."""
+    return in_features % (target.row_multiple(fmt) if target is not None else fmt.row_multiple) == 0
+
+
 def target_named(name: str) -> Target:
     if name not in TARGETS:
         raise FormatError(f"unknown target {name!r}; lowbit writes: {', '.join(TARGETS)}")
     return TARGETS[name]
 
 
-__all__ = ["TARGETS", "CompressedTensorsTarget", "GGUFTarget", "Target", "target_named"]
+__all__ = ["TARGETS", "CompressedTensorsTarget", "GGUFTarget", "Target", "fits", "target_named"]

@@ -47,6 +47,7 @@ from lowbit.formats import Format
 from lowbit.models.adapters import linear_weight
 from lowbit.models.lazy import lazy_weights, load_rest, release_blocks
 from lowbit.tables import Table, quantize_weight
+from lowbit.targets import fits
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _probe(model, linears, tables, candidates, windows, reference, progress) -> 
         weight = model.get_submodule(table.name).weight
         scores = []
         for fmt in candidates:
-            if weight.shape[1] % fmt.row_multiple:  # its rows do not split into the format's blocks
+            if not fits(fmt, weight.shape[1]):
                 scores.append(None)
                 bar.update()
                 continue
@@ -214,9 +215,9 @@ def _relative_errors(
             x = args[0].detach().float().reshape(-1, w.shape[1])
             energy = (x @ w.t()).pow(2).sum().clamp_min(1e-30)
             errors[name] = [
-                None
-                if w.shape[1] % fmt.row_multiple
-                else float((x @ (fmt.quantize_tensor(w).dequantize() - w).t()).pow(2).sum() / energy)
+                float((x @ (fmt.quantize_tensor(w).dequantize() - w).t()).pow(2).sum() / energy)
+                if fits(fmt, w.shape[1])
+                else None
                 for fmt in candidates
             ]
 
@@ -245,7 +246,7 @@ class _swapped:
 
     def __enter__(self) -> None:
         for name, w in self.weights.items():
-            if w.shape[1] % self.fmt.row_multiple:
+            if not fits(self.fmt, w.shape[1]):
                 continue
             src = w.detach().float()
             q = self.fmt.quantize_tensor(src) if self.plain else quantize_weight(src, self.fmt)

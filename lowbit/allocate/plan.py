@@ -32,7 +32,7 @@ from lowbit.keep import KeepRule, apply_rules
 from lowbit.models.adapters import ArchAdapter, decoder_blocks, linear_weight, quantizable_linears
 from lowbit.recipe import Recipe
 from lowbit.tables import Table, find_tables
-from lowbit.targets import Target, target_named
+from lowbit.targets import Target, fits, target_named
 
 
 @dataclass(frozen=True)
@@ -126,11 +126,6 @@ def find_targets(model: nn.Module, adapter: ArchAdapter, recipe: Recipe) -> Targ
             model, shapes, pinned, cands, budget.size_bytes, storage, targets.tables, targets.unfit
         )
     return targets
-
-
-def fits(fmt: Format, in_features: int, target: Target | None = None) -> bool:
-    """Whether rows of `in_features` weights split into `fmt`'s blocks (the target's, if given)."""
-    return in_features % (target.row_multiple(fmt) if target is not None else fmt.row_multiple) == 0
 
 
 def _held_candidates(

@@ -51,16 +51,15 @@ def _refuse(budget_bpw: float, floor_bits: int, total: int, pinned: bool) -> Non
 
 def check_feasible(
     shapes: list[tuple[int, int]],
-    candidates: list[Format] | list[list[Format]],
+    candidates: list[list[Format]],
     budget_bpw: float,
     reserved_bits: int = 0,
     reserved_numel: int = 0,
 ) -> None:
-    """Refuse an impossible budget before any slow measurement starts. `candidates` is one list
-    for every layer, or a list per layer (those its rows can hold)."""
+    """Refuse an impossible budget before any slow measurement starts (`candidates`: per layer,
+    those its rows can hold)."""
     total = sum(o * i for o, i in shapes) + reserved_numel
-    per_layer = candidates if candidates and isinstance(candidates[0], list) else [candidates] * len(shapes)
-    floor = sum(min(f.storage_bits(o, i) for f in fs) for (o, i), fs in zip(shapes, per_layer, strict=True))
+    floor = sum(min(f.storage_bits(o, i) for f in fs) for (o, i), fs in zip(shapes, candidates, strict=True))
     floor += reserved_bits
     if floor > math.floor(budget_bpw * total):
         _refuse(budget_bpw, floor, total, reserved_numel > 0)

@@ -30,6 +30,7 @@ from lowbit.formats import Format, format_from_dict
 from lowbit.models.adapters import ArchAdapter, linear_weight
 from lowbit.recipe import WEIGHTINGS, GPTQSettings
 from lowbit.solvers.gptq import gptq_quantize_stacked, hessian_weighted_error
+from lowbit.targets import fits
 from lowbit.walker import Block, Checkpoint, HessianAccumulator, walk
 
 MEASUREMENT_VERSION = 2
@@ -182,7 +183,7 @@ class _MeasurementPass:
             recs[name] = {"block": block.index, "shape": list(w.shape), "numel": w.numel(), "costs": [], "errors": []}
             recs[name]["base"] = hessian_weighted_error(w.double(), h.double())  # tr(W H Wᵀ)
         for fmt in self.candidates:
-            if weights[0].shape[1] % fmt.row_multiple:  # rows that do not split into its blocks: not a choice here
+            if not fits(fmt, weights[0].shape[1]):  # rows that do not split into its blocks: not a choice here
                 for name in group:
                     recs[name]["costs"].append(None)
                     recs[name]["errors"].append(None)
