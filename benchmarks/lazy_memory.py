@@ -2,7 +2,9 @@
 the whole model first (`--no-lazy`), side by side in one run.
 
 Part `smollm2`: smollm2-135m, GPTQ int4 g128 on 128 x 512 C4 windows, no evaluation: wall time
-and peak RSS of the whole `lowbit quantize` command, lazy and whole, alternating.
+and peak RSS of the whole `lowbit quantize` command, lazy and whole, alternating. With
+`--before DIR` (a checkout of an earlier commit), lazy runs of that code alternate with lazy
+runs of this one instead, for a before/after comparison in one run.
 
 Part `big`: a randomly initialised Llama-architecture model (TinyLlama-1.1B's shape with
 smollm2's tokenizer: 22 blocks of width 2048, MLP 5632, vocabulary 49152, tied embedding) saved as
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,9 +84,11 @@ def make_big_model(folder: Path, shard_bytes: int = 1 << 30) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run(lowbit: str, args: list[str], out: Path) -> dict:
+def run(lowbit: str, args: list[str], out: Path, code: Path | None = None) -> dict:
+    """One `lowbit quantize`; with `code`, that checkout's lowbit package is imported instead."""
     shutil.rmtree(out, ignore_errors=True)
-    stdout, wall, rss = timed([lowbit, "quantize", *args, "--out", str(out), "--overwrite", "--json"])
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code.resolve())}
+    stdout, wall, rss = timed([lowbit, "quantize", *args, "--out", str(out), "--overwrite", "--json"], env)
     summary = json.loads(stdout)
     manifest = json.loads((out / "lowbit_manifest.json").read_text())
     pipeline = manifest["stats"].get("pipeline") or {}
@@ -103,6 +109,7 @@ def main() -> None:
     ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
     ap.add_argument("--parts", default="smollm2,big", help="smollm2, big (comma-separated)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating lazy/whole pairs for smollm2")
+    ap.add_argument("--before", type=Path, help="smollm2: compare lazy runs with this checkout's code (before/after)")
     ap.add_argument("--big-runs", default="rtn,gptq", help="the big model's runs: rtn, gptq (comma-separated)")
     ap.add_argument("--big-windows", type=int, default=8, help="GPTQ calibration windows (512 tokens) on the big model")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -115,12 +122,23 @@ def main() -> None:
     if "smollm2" in parts:
         gptq = ["smollm2-135m", "--bits", "4", "--group-size", "128"]
         rows = []
+        variants = (
+            [("before", True, args.before), ("after", True, None)]
+            if args.before
+            else [("lazy", True, None), ("whole", False, None)]
+        )
         for r in range(args.repeats):
-            for lazy in (True, False):
-                row = run(args.lowbit, [*gptq, "--lazy" if lazy else "--no-lazy"], args.work / "smollm2-art")
-                rows.append({"lazy": lazy, "repeat": r, **row})
+            for label, lazy, code in variants:
+                flag = "--lazy" if lazy else "--no-lazy"
+                row = run(args.lowbit, [*gptq, flag], args.work / "smollm2-art", code)
+                rows.append({"run": label, "lazy": lazy, "repeat": r, **row})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "pipeline"}), flush=True)
-        result["smollm2"] = rows
+        before = None
+        if args.before:
+            git = ["git", "-C", str(args.before), "rev-parse", "HEAD"]
+            commit = subprocess.run(git, capture_output=True, text=True)
+            before = {"path": str(args.before), "commit": commit.stdout.strip()}
+        result["smollm2"] = {"before": before, "runs": rows}
     if "big" in parts:
         folder = args.work / "big-llama"
         file_bytes = make_big_model(folder)

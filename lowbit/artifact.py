@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.dtypes import DTYPES
@@ -29,6 +28,7 @@ from lowbit.modules import set_module
 from lowbit.records import QuantizationInfo
 from lowbit.report import plan_heatmap
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
+from lowbit.streamed_safetensors import Pending, save_streamed
 from lowbit.version import __version__
 
 MANIFEST = "lowbit_manifest.json"
@@ -76,11 +76,14 @@ def staged_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, torch.Tensor], list]:
-    """State dict with parameters in the storage dtype and tied tensors stored once."""
+def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, Pending], list]:
+    """State dict with parameters in the storage dtype and tied tensors stored once.
+
+    Each float parameter is converted only when the writer reaches it, so saving holds one
+    converted copy at a time (a float32 table of a 1 B-parameter model is 400 MB)."""
     dtype = DTYPES[info.storage_dtype]
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Pending] = {}
     first_name: dict[int, str] = {}
     tied = []
     for name, t in model.state_dict(keep_vars=False).items():
@@ -89,9 +92,11 @@ def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, t
             tied.append([name, first_name[key]])
             continue
         first_name[key] = name
-        if name in params and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[name] = t.detach().contiguous()
+        t = t.detach()
+        if name in params and t.is_floating_point() and t.dtype != dtype:
+            tensors[name] = Pending(dtype, tuple(t.shape), lambda t=t: t.to(dtype))
+        else:
+            tensors[name] = Pending.of(t)
     return tensors, tied
 
 
@@ -123,7 +128,7 @@ def save(
         tensors, tied = _packed_state(model, info)
         # one metadata key only: safetensors writes metadata in hash-map order, so with two keys
         # the same tensors gave files that differed byte for byte from run to run
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_streamed(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         _check_size(tmp / WEIGHTS, info)
         config = model.config.to_dict()
         config["quantization_config"] = {

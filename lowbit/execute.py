@@ -140,7 +140,7 @@ class GPTQExecution:
         outputs = None
         for k, stage in enumerate(stages):
             correct = self.settings.reuse_last_stage and k == len(stages) - 1 and len(stage) == 1 and len(stage[0]) == 1
-            accs = {group[0]: HessianAccumulator(keep_inputs=correct) for group in stage}
+            accs = {group[0]: HessianAccumulator(keep_inputs=correct, keep_dtype=torch.bfloat16) for group in stage}
             float_outputs = block.run(accs, stop_after=None if correct else stage[-1][0])
             t0 = time.perf_counter()
             last = block.module.get_submodule(stage[0][0])

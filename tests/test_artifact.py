@@ -93,12 +93,25 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     model = make_tiny_model("llama")
     lowbit.quantize(model, bits=4, method="rtn", progress=False)
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    from lowbit import artifact
+    from lowbit.streamed_safetensors import Pending
 
-    monkeypatch.setattr("lowbit.artifact.save_file", boom)
-    with pytest.raises(OSError):
+    real = artifact.save_streamed
+    written = []
+
+    def full_disk_midway(tensors, path, metadata=None):
+        def boom():
+            written.append(Path(path).stat().st_size)
+            raise OSError("disk full")
+
+        last = sorted(tensors)[-1]
+        tensors = {**tensors, last: Pending(tensors[last].dtype, tensors[last].shape, boom)}
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr("lowbit.artifact.save_streamed", full_disk_midway)
+    with pytest.raises(OSError, match="disk full"):
         lowbit.save(model, tmp_path / "art")
+    assert written and written[0] > 0  # it failed partway through the weights file
     assert list(tmp_path.iterdir()) == []
 
 

@@ -110,13 +110,14 @@ class GGUFStore:
         )
 
         self.file = str(file)
-        # one reader for the store's life: parsing a vocabulary's metadata takes seconds. Its file
-        # mapping keeps the pages read resident (file-backed, reclaimable): at most the file's size.
-        self.reader = GGUFReader(self.file)
-        arch = read_field(self.reader, "general.architecture")[0]
+        # the file is parsed once (a vocabulary's metadata takes seconds), and only the tensors'
+        # descriptions are kept: the parsed metadata (smollm2: ~90 MB of small arrays) is freed. The
+        # tensors' file mapping keeps the pages read resident (file-backed, reclaimable).
+        reader = GGUFReader(self.file)
+        arch = read_field(reader, "general.architecture")[0]
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
         self.mapping = get_gguf_hf_weights_map(model, self.processor)
-        self.tensors = {self.mapping[t.name]: t for t in self.reader.tensors if t.name in self.mapping}
+        self.tensors = {self.mapping[t.name]: t for t in reader.tensors if t.name in self.mapping}
         self._names = set(self.tensors)
 
     def names(self) -> set[str]:
