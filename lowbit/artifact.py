@@ -24,10 +24,12 @@ from torch import nn
 from lowbit.dtypes import DTYPES
 from lowbit.errors import ArtifactError, BudgetError, LowbitError
 from lowbit.formats import format_from_dict
+from lowbit.models.lazy import lazy_weights
 from lowbit.modules import set_module
 from lowbit.records import QuantizationInfo
 from lowbit.report import plan_heatmap
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
+from lowbit.spill import model_spill
 from lowbit.streamed_safetensors import Pending, save_streamed
 from lowbit.version import __version__
 
@@ -84,20 +86,31 @@ def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, P
     dtype = DTYPES[info.storage_dtype]
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tensors: dict[str, Pending] = {}
-    first_name: dict[int, str] = {}
+    first_name: dict[object, str] = {}
     tied = []
-    for name, t in model.state_dict(keep_vars=False).items():
-        key = t.data_ptr() if t.numel() else id(t)
+    for name, t in model.state_dict(keep_vars=True).items():
+        # tensors still on disk (a spilled block, a lazy model's table) are told apart by identity
+        key = ("meta", id(t)) if t.is_meta else t.data_ptr() if t.numel() else id(t)
         if key in first_name:
             tied.append([name, first_name[key]])
             continue
         first_name[key] = name
-        t = t.detach()
+        fetch = _from_disk(model, name, name in params) if t.is_meta else t.detach
         if name in params and t.is_floating_point() and t.dtype != dtype:
-            tensors[name] = Pending(dtype, tuple(t.shape), lambda t=t: t.to(dtype))
+            tensors[name] = Pending(dtype, tuple(t.shape), lambda fetch=fetch: fetch().to(dtype))
         else:
-            tensors[name] = Pending.of(t)
+            tensors[name] = Pending(t.dtype, tuple(t.shape), fetch)
     return tensors, tied
+
+
+def _from_disk(model: nn.Module, name: str, is_parameter: bool):
+    """How to read tensor `name` of a model that keeps it on disk (spill.py, models/lazy.py)."""
+    spill, lazy = model_spill(model), lazy_weights(model)
+    if spill is not None and spill.holds(name):
+        return lambda: spill.read(name)
+    if lazy is not None and is_parameter:
+        return lambda: lazy.tensor(model, name)
+    raise LowbitError(f"tensor {name} was never loaded or computed; the model is incomplete and cannot be saved")
 
 
 def _check_size(weights: Path, info: QuantizationInfo) -> None:

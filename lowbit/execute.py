@@ -25,13 +25,14 @@ from lowbit.digests import model_digest
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, format_from_dict
 from lowbit.memory import trim
-from lowbit.models.adapters import ArchAdapter, linear_weight
-from lowbit.models.lazy import load_block, load_rest
+from lowbit.models.adapters import ArchAdapter, decoder_blocks, linear_weight
+from lowbit.models.lazy import load_block, load_rest, release_unquantized
 from lowbit.modules import set_module
 from lowbit.recipe import GPTQSettings, RTNSettings
 from lowbit.records import layer_record
 from lowbit.runtime import QuantizedLinear
 from lowbit.solvers.gptq import gptq_quantize_stacked, relative_output_error
+from lowbit.spill import Spill
 from lowbit.tables import Table, quantize_table
 from lowbit.walker import Block, Checkpoint, HessianAccumulator, WalkStats, walk
 
@@ -57,32 +58,55 @@ def execute(
     progress: bool = True,
     on_block_done=None,
     device: torch.device | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> Execution:
     """Quantize what `plan` names; GPTQ needs the calibration `windows`, and with
     `checkpoint_dir` resumes an interrupted run (`resume=True`) from the state kept there.
-    With `device`, the solving runs there (the walker's blocks, RTN's layers one at a time)."""
+    With `device`, the solving runs there (the walker's blocks, RTN's layers one at a time).
+
+    With `spill_dir`, each finished block's packed layers go to disk there (spill.py) and a lazy
+    model's unquantized tensors stay on disk: the model comes back in pieces that only
+    artifact.save (or `restore_spilled` and `load_rest`) puts together, for models larger than
+    memory. Without it, the model comes back whole."""
     result = Execution()
+    spill = None
+    if spill_dir is not None:
+        spill = model.lowbit_spill = Spill(spill_dir)
     for table in tables:
         fmt = plan.formats.get(table.name)
         if fmt is not None:
             result.layers[table.name] = quantize_table(model, table, fmt)
     table_names = {t.name for t in tables}
     linears = {n: f for n, f in plan.quantized.items() if n not in table_names}
+    prefixes = [f"{adapter.blocks}.{i}." for i in range(len(decoder_blocks(model, adapter)))]
     if isinstance(solver, RTNSettings):
-        _execute_rtn(model, linears, solver, result, progress, device)
-        load_rest(model)
-        return result
-    if windows is None:
-        raise LowbitError("GPTQ needs calibration windows")
-    client = GPTQExecution(adapter, linears, solver)
-    checkpoint = None
-    if checkpoint_dir is not None:
-        checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(model, windows, linears, solver))
-    result.stats = walk(
-        model, adapter, windows, client, solver.batch_size, checkpoint, resume, progress, on_block_done, device
-    )
-    result.layers.update(client.layers)
-    load_rest(model)  # a lazy model's tensors no pass reached (norms of resumed blocks, float layers)
+        if spill is not None:
+            release_unquantized(model)  # RTN reads no table: they wait on disk until the artifact is written
+        _execute_rtn(model, linears, solver, result, progress, device, spill, prefixes)
+    else:
+        if windows is None:
+            raise LowbitError("GPTQ needs calibration windows")
+        client = GPTQExecution(adapter, linears, solver)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(model, windows, linears, solver))
+
+        def block_done(i: int) -> None:
+            if spill is not None:
+                spill.put(model, prefixes[i])
+            if on_block_done is not None:
+                on_block_done(i)
+
+        result.stats = walk(
+            model, adapter, windows, client, solver.batch_size, checkpoint, resume, progress, block_done, device
+        )
+        result.layers.update(client.layers)
+    if spill is None:
+        load_rest(model)  # a lazy model's tensors no pass reached (norms of resumed blocks, float layers)
+    else:
+        for prefix in prefixes:  # blocks restored from a resume state are still in memory
+            spill.put(model, prefix)
+        release_unquantized(model)
     return result
 
 
@@ -93,8 +117,11 @@ def _execute_rtn(
     result: Execution,
     progress: bool,
     device: torch.device | None,
+    spill: Spill | None,
+    prefixes: list[str],
 ) -> None:
-    for name, fmt in tqdm(plan.items(), desc="quantizing (rtn)", disable=not progress):
+    names = list(plan)
+    for k, (name, fmt) in enumerate(tqdm(plan.items(), desc="quantizing (rtn)", disable=not progress)):
         load_block(model, name + ".")
         module = model.get_submodule(name)
         w = linear_weight(module).detach().float()
@@ -105,6 +132,10 @@ def _execute_rtn(
         set_module(model, name, QuantizedLinear.from_quantized(qt, module.bias).to(home))
         result.layers[name] = layer_record(fmt, qt.shape, weight_rel_mse=err)
         del module, w, qt
+        if spill is not None:  # a block whose last planned layer this was goes to disk
+            block = next((p for p in prefixes if name.startswith(p)), None)
+            if block is not None and (k + 1 == len(names) or not names[k + 1].startswith(block)):
+                spill.put(model, block)
         trim()
 
 

@@ -25,6 +25,7 @@ from lowbit.eval.reference import reference_key
 from lowbit.models import load_model
 from lowbit.quantize import peak_rss_mb, quantize
 from lowbit.recipe import Recipe
+from lowbit.spill import model_spill
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,20 @@ def has_resume_state(out: str | os.PathLike) -> bool:
 @dataclass
 class QuantizeResult:
     out: Path
-    model: nn.Module
     manifest: dict[str, Any]
     evaluation: dict[str, Any] | None
+    _model: nn.Module | None = None  # None when the run kept its finished blocks on disk
+
+    @property
+    def model(self) -> nn.Module:
+        """The quantized model. A run that did not evaluate wrote each block out as it finished
+        (so a model larger than memory can be quantized); its model is read back from the
+        artifact on first use."""
+        if self._model is None:
+            from lowbit.artifact import load
+
+            self._model = load(self.out)
+        return self._model
 
 
 def quantize_to_artifact(
@@ -107,6 +119,8 @@ def quantize_to_artifact(
         resume=resume,
         progress=progress,
         device=compute,
+        # nothing reads the packed blocks again before they are written, unless the run evaluates
+        spill_dir=work / "spill" if evaluation is None else None,
     )
     result = None
     if evaluation is not None:
@@ -116,4 +130,5 @@ def quantize_to_artifact(
     quantized.lowbit_info.stats["peak_rss_mb"] = peak_rss_mb()  # evaluation included
     path = save(quantized, out, loaded.tokenizer, overwrite=overwrite, evaluation=result)
     shutil.rmtree(work, ignore_errors=True)
-    return QuantizeResult(path, quantized, read_manifest(path), result)
+    spilled = model_spill(quantized) is not None
+    return QuantizeResult(path, read_manifest(path), result, None if spilled else quantized)

@@ -46,6 +46,7 @@ def quantize(
     progress: bool = True,
     on_block_done=None,
     device: str | torch.device | None = None,
+    spill_dir: str | os.PathLike | None = None,
     **options: Any,
 ) -> nn.Module:
     """Quantize `model` in place by `recipe` (or by the flat `options` of Recipe.build, e.g.
@@ -61,7 +62,10 @@ def quantize(
     solved there one at a time; the model stays where it is and comes back packed.
 
     Unquantized tensors (norms, biases, embeddings kept in float) are rounded to the recipe's
-    storage dtype first, so that calibration sees them exactly as the artifact will hold them."""
+    storage dtype first, so that calibration sees them exactly as the artifact will hold them.
+
+    With `spill_dir`, finished blocks are kept on disk there and the model comes back in pieces
+    that only `lowbit.save` puts together (execute.py): for models larger than memory."""
     if recipe is None:
         recipe = Recipe.build(**options)
     elif not isinstance(recipe, Recipe):
@@ -96,6 +100,7 @@ def quantize(
             progress,
             on_block_done,
             compute,
+            spill_dir,
         )
     settings = recipe.settings()
     if plan.budget is not None:

@@ -74,13 +74,36 @@ def _quantize_file(model_dir, lazy: bool, **options):
     ids=["rtn", "gptq", "budget"],
 )
 def test_lazy_and_whole_loading_write_byte_identical_artifacts(tmp_path, sharded_dir, options):
+    """Whole, lazy, and lazy with every finished block spilled to disk (nothing packed or float
+    left in memory but what the save reads back): the same bytes."""
     files = []
-    for lazy in (False, True):
-        model = _quantize_file(sharded_dir, lazy, **options)
+    for lazy, spill in ((False, False), (True, False), (True, True)):
+        spill_dir = tmp_path / f"spill-{lazy}" if spill else None
+        model = _quantize_file(sharded_dir, lazy, spill_dir=spill_dir, **options)
         assert lazy_weights(model) is not None if lazy else lazy_weights(model) is None
-        out = lowbit.save(model, tmp_path / f"art-{lazy}")
+        if spill:
+            on_disk = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+            packed = [n for n in model.state_dict() if n.endswith(".qweight")]
+            assert packed and set(packed) <= set(on_disk)
+            assert "model.embed_tokens.weight" in on_disk and "model.norm.weight" in on_disk
+            assert len(list(spill_dir.glob("*.safetensors"))) == 3  # one file per block
+        out = lowbit.save(model, tmp_path / f"art-{lazy}-{spill}")
         files.append((out / "model.safetensors").read_bytes())
-    assert files[0] == files[1]
+    assert files[0] == files[1] == files[2]
+
+
+def test_a_run_without_evaluation_spills_its_blocks_and_its_model_reads_the_artifact(tmp_path, sharded_dir):
+    from lowbit.job import quantize_to_artifact
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe.build(bits=4, group_size=32, method="rtn")
+    done = quantize_to_artifact(sharded_dir, recipe, tmp_path / "art", progress=False)
+    assert done._model is None  # the blocks went to disk as they finished
+    eager = _quantize_file(sharded_dir, False, method="rtn")
+    reference = lowbit.save(eager, tmp_path / "eager")
+    assert (done.out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        torch.testing.assert_close(done.model(WINDOWS[:2]).logits, eager(WINDOWS[:2]).logits)
 
 
 def test_a_size_budget_counts_a_lazy_models_blocks_and_writes_the_same_artifact(tmp_path, sharded_dir):

@@ -235,6 +235,35 @@ def release_blocks(model: nn.Module) -> None:
         trim()
 
 
+def release_unquantized(model: nn.Module) -> None:
+    """Put a lazy model's float parameters that the store holds back on the meta device, tied
+    names together (a no-op for an eager model): the artifact writer reads them again one at a
+    time. Parameters of quantized modules (biases) are not the store's and stay."""
+    lazy = lazy_weights(model)
+    if lazy is None:
+        return
+    held = lazy.store.names()
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        param = model.get_parameter(names[0])
+        if param.is_meta or not any(n in held for n in names) or _in_quantized_module(model, names[0]):
+            continue
+        meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._parameters[leaf] = meta
+    trim()
+
+
+def _in_quantized_module(model: nn.Module, name: str) -> bool:
+    from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
+
+    owner = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(owner), QuantizedLinear | QuantizedEmbedding)
+
+
 def build_lazy(config, store_for: Callable[[nn.Module], TensorStore], dtype: torch.dtype, trust_remote_code: bool):
     """transformers' model for `config` on the meta device, its tables and head loaded; None when
     the checkpoint's names do not cover the model's parameters (then load it eagerly)."""
