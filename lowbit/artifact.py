@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -95,21 +96,22 @@ def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, P
             tied.append([name, first_name[key]])
             continue
         first_name[key] = name
-        fetch = _from_disk(model, name, name in params) if t.is_meta else t.detach
-        if name in params and t.is_floating_point() and t.dtype != dtype:
+        store_as = dtype if name in params and t.is_floating_point() else t.dtype
+        fetch = _from_disk(model, name, name in params, store_as) if t.is_meta else t.detach
+        if store_as != t.dtype:
             tensors[name] = Pending(dtype, tuple(t.shape), lambda fetch=fetch: fetch().to(dtype))
         else:
             tensors[name] = Pending(t.dtype, tuple(t.shape), fetch)
     return tensors, tied
 
 
-def _from_disk(model: nn.Module, name: str, is_parameter: bool):
+def _from_disk(model: nn.Module, name: str, is_parameter: bool, dtype: torch.dtype):
     """How to read tensor `name` of a model that keeps it on disk (spill.py, models/lazy.py)."""
     spill, lazy = model_spill(model), lazy_weights(model)
     if spill is not None and spill.holds(name):
         return lambda: spill.read(name)
     if lazy is not None and is_parameter:
-        return lambda: lazy.tensor(model, name)
+        return lambda: lazy.tensor(model, name, dtype)  # a large one converted a slice at a time
     raise LowbitError(f"tensor {name} was never loaded or computed; the model is incomplete and cannot be saved")
 
 

@@ -30,6 +30,7 @@ from lowbit.errors import ModelLoadError
 from lowbit.memory import trim
 
 INDEX = "model.safetensors.index.json"
+_ROWS_BYTES = 64 << 20  # tensors larger than this (in float32) are read and converted in slices of rows
 
 
 class TensorStore(Protocol):
@@ -95,6 +96,15 @@ class SafetensorsStore:
                     out[name] = f.get_tensor(name)
         return out
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(str(self.folder / self.files[name]), "pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of tensor `name`, read from the file without the rest."""
+        with safe_open(str(self.folder / self.files[name]), "pt") as f:
+            return f.get_slice(name)[start:stop]
+
 
 class GGUFStore:
     """A GGUF file, read through transformers' own name mapping and tensor processors (the q/k
@@ -148,12 +158,12 @@ class LazyWeights:
     store: TensorStore
     prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
-    def tensor(self, model: nn.Module, name: str) -> torch.Tensor:
-        """Parameter `name` as it would be installed, without installing it."""
+    def tensor(self, model: nn.Module, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Parameter `name` as it would be installed (converted to `dtype` after), without installing it."""
         param = model.get_parameter(name)
         if not param.is_meta:
-            return param.data
-        return self._ready(name, self._read([_stored_name(self.store, [name])])[0], param)
+            return param.data if dtype is None else param.data.to(dtype)
+        return self._assemble(_stored_name(self.store, [name]), param, dtype or param.dtype)
 
     def load(self, model: nn.Module, prefix: str = "") -> int:
         """Install every parameter under `prefix` that is still on the meta device; returns how many."""
@@ -161,14 +171,39 @@ class LazyWeights:
         if not groups:
             return 0
         stored = [_stored_name(self.store, names) for names in groups]
-        tensors = self._read(stored)
-        for names, key, tensor in zip(groups, stored, tensors, strict=True):
+        whole = [k for k, names in zip(stored, groups, strict=True) if not self._in_rows(model.get_parameter(names[0]))]
+        tensors = dict(zip(whole, self._read(whole), strict=True))
+        for names, key in zip(groups, stored, strict=True):
             param = model.get_parameter(names[0])
-            new = nn.Parameter(self._ready(key, tensor, param), requires_grad=False)
+            if key in tensors:
+                ready = self._ready(key, tensors.pop(key), param)
+            else:
+                ready = self._assemble(key, param, param.dtype)
+            new = nn.Parameter(ready, requires_grad=False)
             for name in names:  # tied names share the one new parameter
                 owner, _, leaf = name.rpartition(".")
                 model.get_submodule(owner)._parameters[leaf] = new
         return len(groups)
+
+    def _in_rows(self, param: nn.Parameter) -> bool:
+        """Whether a tensor is read a slice of rows at a time: a large table held whole in its file's
+        dtype beside its float32 copy would double what it costs (a 1 B model's: 200 + 400 MB)."""
+        return param.dim() >= 2 and hasattr(self.store, "read_rows") and param.numel() * 4 > _ROWS_BYTES
+
+    def _assemble(self, key: str, param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+        """The prepared tensor in `dtype`; a large one built a slice of rows at a time, so that only
+        the result and one slice in the file's and the compute dtype are held."""
+        if not self._in_rows(param):
+            return self._ready(key, self._read([key])[0], param).to(dtype)
+        shape = self.store.shape(key)
+        if shape != tuple(param.shape):
+            self._ready(key, torch.empty(shape, device="meta"), param)  # raises the shape error
+        out = torch.empty(shape, dtype=dtype)
+        step = max(1, _ROWS_BYTES // (4 * param[0].numel()))
+        for a in range(0, shape[0], step):
+            rows = self.store.read_rows(key, a, min(a + step, shape[0])).to(param.dtype)
+            out[a : a + step] = (self.prepare(key, rows) if self.prepare is not None else rows).to(dtype)
+        return out
 
     def scan(self, model: nn.Module, visit: Callable[[str, torch.Tensor], object], progress: bool = True) -> None:
         """Read every tensor still on disk, block by block, and show it to `visit` (which may
