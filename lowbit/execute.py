@@ -98,7 +98,18 @@ def execute(
                 on_block_done(i)
 
         result.stats = walk(
-            model, adapter, windows, client, solver.batch_size, checkpoint, resume, progress, block_done, device
+            model,
+            adapter,
+            windows,
+            client,
+            solver.batch_size,
+            checkpoint,
+            resume,
+            progress,
+            block_done,
+            device,
+            # once the blocks' inputs are recorded, a spilling run keeps the tables on disk too
+            after_capture=None if spill is None else lambda: release_unquantized(model),
         )
         result.layers.update(client.layers)
     if spill is None:

@@ -74,6 +74,8 @@ def quantize(
         raise LowbitError(f"give a recipe or options ({', '.join(options)}), not both")
     t0 = time.perf_counter()
     compute = None if device is None else resolve_device(device)
+    first = next(model.parameters())  # a spilling run leaves the model's tensors on disk
+    compute_record = {"device": str(compute or first.device), "dtype": str(first.dtype).removeprefix("torch.")}
     adapter = get_adapter(model.config.model_type)
     check_finite(model, DTYPES[recipe.storage_dtype], progress)
     targets = find_targets(model, adapter, recipe)
@@ -108,11 +110,7 @@ def quantize(
     stats: dict[str, Any] = {
         "quantize_seconds": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
-        "compute": {
-            "device": str(compute or next(model.parameters()).device),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "lazy": lazy_weights(model) is not None,
-        },
+        "compute": {**compute_record, "lazy": lazy_weights(model) is not None},
     }
     if done.stats is not None:
         stats["pipeline"] = done.stats.to_dict()

@@ -397,6 +397,7 @@ def walk(
     progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
     device: torch.device | None = None,
+    after_capture: Callable[[], None] | None = None,
 ) -> WalkStats:
     """Take `client` through every decoder block of `model` on the calibration `windows`.
 
@@ -406,7 +407,9 @@ def walk(
     A lazy model (models/lazy.py) has each block's tensors read when the walk reaches it; a client
     that `releases_blocks` has them freed again after it, so one float block is held at a time.
     With `device`, each block is moved there for its work (with the activations, which stay
-    there) and back to the model's device after it, packed: one block on the device at a time."""
+    there) and back to the model's device after it, packed: one block on the device at a time.
+    `after_capture()` runs once every block's inputs are recorded, when the embedding and the
+    head are no longer needed by the walk (a client may free them)."""
     stats = WalkStats(calibration_tokens=int(windows.numel()))
     t_start = time.perf_counter()
     blocks = decoder_blocks(model, adapter)
@@ -421,6 +424,8 @@ def walk(
         lazy.load(model, prefix[0])
     calls = capture_block_calls(model, adapter, windows, batch_size)
     home = next(model.parameters()).device
+    if after_capture is not None:
+        after_capture()
     device = home if device is None else device
     if device != home:  # everything a block is called with, on the compute device once
         moved: dict[int, torch.Tensor] = {}

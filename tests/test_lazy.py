@@ -101,6 +101,7 @@ def test_a_run_without_evaluation_spills_its_blocks_and_its_model_reads_the_arti
     recipe = Recipe.build(bits=4, group_size=32, method="rtn")
     done = quantize_to_artifact(sharded_dir, recipe, tmp_path / "art", progress=False)
     assert done._model is None  # the blocks went to disk as they finished
+    assert done.manifest["stats"]["compute"] == {"device": "cpu", "dtype": "float32", "lazy": True}
     eager = _quantize_file(sharded_dir, False, method="rtn")
     reference = lowbit.save(eager, tmp_path / "eager")
     assert (done.out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
