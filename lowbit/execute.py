@@ -139,7 +139,9 @@ def _execute_rtn(
         home = w.device
         w = w.to(device or home)
         qt = fmt.quantize_tensor(w, clip_search=solver.clip_search)
-        err = ((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
+        diff = qt.dequantize().sub_(w).square_()  # in place: one layer-sized temporary at a time
+        err = (diff.sum() / w.pow(2).sum().clamp_min(1e-30)).item()
+        del diff
         set_module(model, name, QuantizedLinear.from_quantized(qt, module.bias).to(home))
         result.layers[name] = layer_record(fmt, qt.shape, weight_rel_mse=err)
         del module, w, qt

@@ -74,8 +74,9 @@ def quantize(
         raise LowbitError(f"give a recipe or options ({', '.join(options)}), not both")
     t0 = time.perf_counter()
     compute = None if device is None else resolve_device(device)
-    first = next(model.parameters())  # a spilling run leaves the model's tensors on disk
+    first = next(model.parameters())  # read now: a spilling run leaves the model's tensors on disk
     compute_record = {"device": str(compute or first.device), "dtype": str(first.dtype).removeprefix("torch.")}
+    del first  # not to keep a table alive
     adapter = get_adapter(model.config.model_type)
     check_finite(model, DTYPES[recipe.storage_dtype], progress)
     targets = find_targets(model, adapter, recipe)

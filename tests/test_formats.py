@@ -19,6 +19,15 @@ def test_pack_round_trip_is_exact(bits, n):
     assert torch.equal(unpack_codes(packed, bits, n), codes)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_packing_a_slice_of_rows_at_a_time_gives_the_same_words(bits, monkeypatch):
+    codes = torch.randint(0, 2**bits, (37, 100), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    whole = pack_codes(codes, bits)
+    monkeypatch.setattr("lowbit.formats.packing._PACK_ROWS_ELEMENTS", 300)  # 3 rows a slice
+    assert torch.equal(pack_codes(codes, bits), whole)
+    assert torch.equal(pack_codes(codes[:2], bits), whole[:2])
+
+
 def test_packing_is_dense():
     # 3-bit codes: 32 codes need 96 bits = exactly 3 words
     codes = torch.full((1, 32), 7, dtype=torch.uint8)

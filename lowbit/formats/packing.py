@@ -21,10 +21,24 @@ def _positions(n: int, bits: int, device: torch.device) -> tuple[torch.Tensor, t
     return offsets // _WORD, offsets % _WORD
 
 
+_PACK_ROWS_ELEMENTS = 1 << 21  # codes packed per slice of rows: its int64 temporaries stay ~16 MB each
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack `codes` [rows, n] (values in [0, 2**bits)) into int32 [rows, words]."""
+    """Pack `codes` [rows, n] (values in [0, 2**bits)) into int32 [rows, words].
+
+    Rows are packed a slice at a time: the bit arithmetic runs in int64, several copies of
+    the codes' size (~260 MB for one 5632 x 2048 layer packed whole)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    rows, n = codes.shape
+    step = max(1, _PACK_ROWS_ELEMENTS // max(n, 1))
+    if rows > step:
+        return torch.cat([_pack_rows(codes[r : r + step], bits) for r in range(0, rows, step)])
+    return _pack_rows(codes, bits)
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, n = codes.shape
     c = codes.to(torch.int64)
     if (c < 0).any() or (c >= (1 << bits)).any():

@@ -218,9 +218,10 @@ class LazyWeights:
             key = blocks + name[len(blocks) :].split(".")[0] if name.startswith(blocks) else name
             by_block.setdefault(key, []).append(names)
         for part in tqdm(list(by_block.values()), desc="checking weights", disable=not progress):
-            stored = [_stored_name(self.store, names) for names in part]
-            for names, tensor in zip(part, self._read(stored), strict=True):
+            for names in part:  # one tensor at a time: a block of a large model is hundreds of MB
+                tensor = self._read([_stored_name(self.store, names)])[0]
                 visit(names[0], tensor.to(model.get_parameter(names[0]).dtype))
+                del tensor
             trim()
 
     def release(self, model: nn.Module, prefix: str) -> None:
