@@ -75,6 +75,7 @@ def execute(
     for table in tables:
         fmt = plan.formats.get(table.name)
         if fmt is not None:
+            load_block(model, table.name + ".")  # a table left on disk (load_model's tables_on_disk)
             result.layers[table.name] = quantize_table(model, table, fmt)
     table_names = {t.name for t in tables}
     linears = {n: f for n, f in plan.quantized.items() if n not in table_names}

@@ -102,7 +102,11 @@ def quantize_to_artifact(
     if resume and not has_resume_state(out):
         logger.warning("nothing to resume; starting from the first block")
     lazy = lazy and (recipe.budget is None or recipe.budget.refine_seconds == 0)
-    loaded = load_model(model, compute_dtype, trust_remote_code=trust_remote_code, lazy=lazy)
+    # a run that never runs the model (RTN, one format, no evaluation) leaves its tables on disk too
+    never_runs = recipe.method == "rtn" and recipe.budget is None and evaluation is None
+    loaded = load_model(
+        model, compute_dtype, trust_remote_code=trust_remote_code, lazy=lazy, tables_on_disk=lazy and never_runs
+    )
     windows = reference = None
     if evaluation is not None:  # the float model's predictions, before it is quantized in place
         windows = evaluation.windows(loaded.tokenizer)

@@ -75,7 +75,8 @@ def quantize(
     t0 = time.perf_counter()
     compute = None if device is None else resolve_device(device)
     first = next(model.parameters())  # read now: a spilling run leaves the model's tensors on disk
-    compute_record = {"device": str(compute or first.device), "dtype": str(first.dtype).removeprefix("torch.")}
+    home = torch.device("cpu") if first.is_meta else first.device  # a lazy model's tensors arrive on the CPU
+    compute_record = {"device": str(compute or home), "dtype": str(first.dtype).removeprefix("torch.")}
     del first  # not to keep a table alive
     adapter = get_adapter(model.config.model_type)
     check_finite(model, DTYPES[recipe.storage_dtype], progress)

@@ -98,6 +98,8 @@ def test_a_run_without_evaluation_spills_its_blocks_and_its_model_reads_the_arti
     from lowbit.job import quantize_to_artifact
     from lowbit.recipe import Recipe
 
+    # RTN never runs the model: the tables stay on disk as well as the blocks
+    assert all(p.is_meta for p in lowbit.load_model(sharded_dir, lazy=True, tables_on_disk=True).model.parameters())
     recipe = Recipe.build(bits=4, group_size=32, method="rtn")
     done = quantize_to_artifact(sharded_dir, recipe, tmp_path / "art", progress=False)
     assert done._model is None  # the blocks went to disk as they finished

@@ -219,9 +219,14 @@ class LazyWeights:
             by_block.setdefault(key, []).append(names)
         for part in tqdm(list(by_block.values()), desc="checking weights", disable=not progress):
             for names in part:  # one tensor at a time: a block of a large model is hundreds of MB
-                tensor = self._read([_stored_name(self.store, names)])[0]
-                visit(names[0], tensor.to(model.get_parameter(names[0]).dtype))
-                del tensor
+                key, param = _stored_name(self.store, names), model.get_parameter(names[0])
+                if self._in_rows(param):  # a large table: a slice of rows at a time
+                    shape = self.store.shape(key)
+                    step = max(1, _ROWS_BYTES // (4 * param[0].numel()))
+                    for a in range(0, shape[0], step):
+                        visit(names[0], self.store.read_rows(key, a, min(a + step, shape[0])).to(param.dtype))
+                else:
+                    visit(names[0], self._read([key])[0].to(param.dtype))
             trim()
 
     def release(self, model: nn.Module, prefix: str) -> None:
@@ -300,9 +305,16 @@ def _in_quantized_module(model: nn.Module, name: str) -> bool:
     return isinstance(model.get_submodule(owner), QuantizedLinear | QuantizedEmbedding)
 
 
-def build_lazy(config, store_for: Callable[[nn.Module], TensorStore], dtype: torch.dtype, trust_remote_code: bool):
-    """transformers' model for `config` on the meta device, its tables and head loaded; None when
-    the checkpoint's names do not cover the model's parameters (then load it eagerly)."""
+def build_lazy(
+    config,
+    store_for: Callable[[nn.Module], TensorStore],
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    load_outside: bool = True,
+):
+    """transformers' model for `config` on the meta device, its tables and head loaded (unless
+    not `load_outside`); None when the checkpoint's names do not cover the model's parameters
+    (then load it eagerly)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -318,10 +330,10 @@ def build_lazy(config, store_for: Callable[[nn.Module], TensorStore], dtype: tor
     if missing:
         raise ModelLoadError(f"the checkpoint holds no tensor {missing[0]}; it is incomplete: re-download it")
     model.lowbit_lazy = LazyWeights(store)
-    blocks = _blocks_prefix(model)
-    outside = [n for n, _ in model.named_parameters() if not n.startswith(blocks)]
-    for name in outside:
-        model.lowbit_lazy.load(model, name)
+    if load_outside:
+        blocks = _blocks_prefix(model)
+        for name in [n for n, _ in model.named_parameters() if not n.startswith(blocks)]:
+            model.lowbit_lazy.load(model, name)
     return model.eval()
 
 

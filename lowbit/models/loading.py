@@ -109,13 +109,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     lazy: bool = False,
+    tables_on_disk: bool = False,
 ) -> LoadedModel:
     """Load a model and tokenizer in `dtype` (float32 on CPUs), ready for evaluation.
 
     With `lazy`, a local safetensors folder or GGUF file is built on the meta device and its
     decoder blocks are read only when a pass reaches them (models/lazy.py): for quantizing models
     larger than memory. A checkpoint lazy loading cannot map (another naming, .bin weights, a
-    quantized checkpoint) loads whole, as without it."""
+    quantized checkpoint) loads whole, as without it. `tables_on_disk` leaves the tensors outside
+    the blocks (embedding, final norm, head) on disk too, for a run that never runs the model
+    (RTN written straight to an artifact): the caller loads them when it needs them."""
     source = resolve_model_source(spec)
     if source.kind == "artifact":
         from lowbit.artifact import load  # local import: artifact imports this module
@@ -140,7 +143,7 @@ def load_model(
         ) from exc
     get_adapter(getattr(config, "model_type", None))
     load_kwargs = {**kwargs, **_compressed_tensors_loader(config)}
-    model = _lazy_model(source, config, dtype, trust_remote_code) if lazy else None
+    model = _lazy_model(source, config, dtype, trust_remote_code, tables_on_disk) if lazy else None
     try:
         with warnings.catch_warnings():  # "quantization_config passed and in the checkpoint": intended
             warnings.simplefilter("ignore", UserWarning)
@@ -164,7 +167,9 @@ def load_model(
     return LoadedModel(model, tokenizer, source)
 
 
-def _lazy_model(source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module | None:
+def _lazy_model(
+    source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool, tables_on_disk: bool = False
+) -> nn.Module | None:
     """The model with its blocks left on disk, or None where it must load whole."""
     from lowbit.models.lazy import GGUFStore, SafetensorsStore, build_lazy
 
@@ -177,7 +182,7 @@ def _lazy_model(source: ModelSource, config, dtype: torch.dtype, trust_remote_co
         store_for = lambda model: store  # noqa: E731
     else:
         return None
-    model = build_lazy(config, store_for, dtype, trust_remote_code)
+    model = build_lazy(config, store_for, dtype, trust_remote_code, load_outside=not tables_on_disk)
     if model is None:
         logging.getLogger(__name__).info("%s: names do not map for lazy loading; loading it whole", source.path)
     return model
