@@ -143,7 +143,8 @@ def main() -> None:
         folder = args.work / "big-llama"
         file_bytes = make_big_model(folder)
         params = file_bytes // 2  # bfloat16
-        rows = []
+        rerun = set(args.big_runs.split(","))
+        rows = [r for r in (result.get("big") or {}).get("runs", []) if r["run"] not in rerun]  # kept from before
         for label, extra in (
             ("rtn", ["--method", "rtn"]),
             ("gptq", ["--nsamples", str(args.big_windows), "--calib-seqlen", "512"]),

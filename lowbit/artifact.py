@@ -97,11 +97,12 @@ def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, P
             continue
         first_name[key] = name
         store_as = dtype if name in params and t.is_floating_point() else t.dtype
-        fetch = _from_disk(model, name, name in params, store_as) if t.is_meta else t.detach
-        if store_as != t.dtype:
-            tensors[name] = Pending(dtype, tuple(t.shape), lambda fetch=fetch: fetch().to(dtype))
+        if t.is_meta:
+            tensors[name] = Pending(store_as, tuple(t.shape), _from_disk(model, name, name in params, store_as))
+        elif store_as != t.dtype:
+            tensors[name] = Pending(store_as, tuple(t.shape), lambda t=t: t.detach().to(dtype))
         else:
-            tensors[name] = Pending(t.dtype, tuple(t.shape), fetch)
+            tensors[name] = Pending.of(t.detach())
     return tensors, tied
 
 
@@ -109,9 +110,9 @@ def _from_disk(model: nn.Module, name: str, is_parameter: bool, dtype: torch.dty
     """How to read tensor `name` of a model that keeps it on disk (spill.py, models/lazy.py)."""
     spill, lazy = model_spill(model), lazy_weights(model)
     if spill is not None and spill.holds(name):
-        return lambda: spill.read(name)
+        return lambda: spill.read(name).to(dtype)
     if lazy is not None and is_parameter:
-        return lambda: lazy.tensor(model, name, dtype)  # a large one converted a slice at a time
+        return lambda: lazy.rows(model, name, dtype)  # a large table converted and written a slice at a time
     raise LowbitError(f"tensor {name} was never loaded or computed; the model is incomplete and cannot be saved")
 
 

@@ -4,7 +4,8 @@
 not always there: the float tables are converted to the storage dtype as they are written, and
 the finished blocks of a large model may wait on disk. This writer takes each tensor's dtype and
 shape up front (the header comes first in the file) and fetches the tensor itself only when its
-bytes are due, so at most one tensor is held beyond what the caller keeps.
+bytes are due, so at most one tensor is held beyond what the caller keeps; a fetch may also
+give a large tensor as slices of rows (a table converted as it is written).
 
 The bytes are the ones `save_file` writes for the same tensors and metadata (same header, same
 order: dearer dtypes first, then by name; header padded to 8 bytes): tests compare them.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ class Pending:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-    fetch: Callable[[], torch.Tensor]
+    fetch: Callable[[], torch.Tensor | Iterable[torch.Tensor]]  # the tensor, or its rows in slices, in order
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> Pending:
@@ -83,13 +84,19 @@ def save_streamed(
         f.write(text)
         for name in order:
             t = tensors[name]
-            tensor = t.fetch()
-            if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
-                raise ValueError(
-                    f"tensor {name} arrived as {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"the header promised {t.dtype} {t.shape}"
-                )
-            data = tensor.detach().cpu().contiguous()
-            if data.numel():
-                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-            del tensor, data
+            got = t.fetch()
+            parts = [got] if isinstance(got, torch.Tensor) else got
+            rows = 0
+            for part in parts:
+                if part.dtype != t.dtype or tuple(part.shape[1:]) != t.shape[1:] or part.dim() != len(t.shape):
+                    raise ValueError(
+                        f"tensor {name} arrived as {part.dtype} {tuple(part.shape)}, "
+                        f"the header promised {t.dtype} {t.shape}"
+                    )
+                data = part.detach().cpu().contiguous()
+                if data.numel():
+                    f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                rows += part.shape[0] if part.dim() else 1
+                del part, data
+            if rows != (t.shape[0] if t.shape else 1):
+                raise ValueError(f"tensor {name} arrived with {rows} rows, the header promised {t.shape}")

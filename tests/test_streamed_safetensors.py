@@ -45,3 +45,12 @@ def test_each_tensor_is_fetched_once_when_written_and_must_match_its_header(tmp_
     liar = {"w": Pending(torch.float32, (2, 2), lambda: torch.zeros(2, 3))}
     with pytest.raises(ValueError, match="header promised"):
         save_streamed(liar, tmp_path / "y.safetensors")
+
+
+def test_a_tensor_may_arrive_as_slices_of_rows_and_must_add_up(tmp_path):
+    t = torch.randn(10, 3)
+    save_file({"t": t}, str(tmp_path / "ref.safetensors"))
+    save_streamed({"t": Pending(t.dtype, (10, 3), lambda: iter(t.split(4)))}, tmp_path / "mine.safetensors")
+    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="9 rows"):
+        save_streamed({"t": Pending(t.dtype, (10, 3), lambda: iter(t[:9].split(4)))}, tmp_path / "short.safetensors")

@@ -15,7 +15,7 @@ The tensors are the ones transformers' eager loading would put in the model, bit
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,12 +158,12 @@ class LazyWeights:
     store: TensorStore
     prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
-    def tensor(self, model: nn.Module, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Parameter `name` as it would be installed (converted to `dtype` after), without installing it."""
+    def tensor(self, model: nn.Module, name: str) -> torch.Tensor:
+        """Parameter `name` as it would be installed, without installing it."""
         param = model.get_parameter(name)
         if not param.is_meta:
-            return param.data if dtype is None else param.data.to(dtype)
-        return self._assemble(_stored_name(self.store, [name]), param, dtype or param.dtype)
+            return param.data
+        return self._assemble(_stored_name(self.store, [name]), param, param.dtype)
 
     def load(self, model: nn.Module, prefix: str = "") -> int:
         """Install every parameter under `prefix` that is still on the meta device; returns how many."""
@@ -184,6 +184,22 @@ class LazyWeights:
                 owner, _, leaf = name.rpartition(".")
                 model.get_submodule(owner)._parameters[leaf] = new
         return len(groups)
+
+    def rows(self, model: nn.Module, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """Parameter `name` (still on disk) as it would be installed, converted to `dtype`, in slices
+        of rows: what writing it to a file needs, without ever holding it whole."""
+        param = model.get_parameter(name)
+        key = _stored_name(self.store, [name])
+        if not self._in_rows(param):
+            yield self._assemble(key, param, dtype)
+            return
+        shape = self.store.shape(key)
+        if shape != tuple(param.shape):
+            self._ready(key, torch.empty(shape, device="meta"), param)  # raises the shape error
+        step = max(1, _ROWS_BYTES // (4 * param[0].numel()))
+        for a in range(0, shape[0], step):
+            rows = self.store.read_rows(key, a, min(a + step, shape[0])).to(param.dtype)
+            yield (self.prepare(key, rows) if self.prepare is not None else rows).to(dtype)
 
     def _in_rows(self, param: nn.Parameter) -> bool:
         """Whether a tensor is read a slice of rows at a time: a large table held whole in its file's
