@@ -138,7 +138,7 @@ def main() -> None:
             git = ["git", "-C", str(args.before), "rev-parse", "HEAD"]
             commit = subprocess.run(git, capture_output=True, text=True)
             before = {"path": str(args.before), "commit": commit.stdout.strip()}
-        result["smollm2"] = {"before": before, "runs": rows}
+        result["smollm2"] = {"command": result["command"], "date": result["date"], "before": before, "runs": rows}
     if "big" in parts:
         folder = args.work / "big-llama"
         file_bytes = make_big_model(folder)
@@ -157,6 +157,7 @@ def main() -> None:
             rows.append({"run": label, "file_bytes": file_bytes, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "pipeline"}), flush=True)
             result["big"] = {"config": BIG, "file_bytes": file_bytes, "params": params, "runs": rows}
+            rows[-1]["command"], rows[-1]["date"] = result["command"], result["date"]  # each run's own
             args.out.write_text(json.dumps(result, indent=1))  # after every run: the GPTQ one is long
     args.out.write_text(json.dumps(result, indent=1))
 
