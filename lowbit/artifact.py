@@ -25,7 +25,6 @@ from torch import nn
 from lowbit.dtypes import DTYPES
 from lowbit.errors import ArtifactError, BudgetError, LowbitError
 from lowbit.formats import format_from_dict
-from lowbit.models.lazy import lazy_weights
 from lowbit.modules import set_module
 from lowbit.records import QuantizationInfo
 from lowbit.report import plan_heatmap
@@ -108,7 +107,9 @@ def _packed_state(model: nn.Module, info: QuantizationInfo) -> tuple[dict[str, P
 
 def _from_disk(model: nn.Module, name: str, is_parameter: bool, dtype: torch.dtype):
     """How to read tensor `name` of a model that keeps it on disk (spill.py, models/lazy.py)."""
-    spill, lazy = model_spill(model), lazy_weights(model)
+    # models/lazy.py's lazy_weights(model), read without importing lowbit.models (whose loading
+    # imports this module)
+    spill, lazy = model_spill(model), getattr(model, "lowbit_lazy", None)
     if spill is not None and spill.holds(name):
         return lambda: spill.read(name).to(dtype)
     if lazy is not None and is_parameter:
