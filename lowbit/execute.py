@@ -66,8 +66,8 @@ def execute(
 
     With `spill_dir`, each finished block's packed layers go to disk there (spill.py) and a lazy
     model's unquantized tensors stay on disk: the model comes back in pieces that only
-    artifact.save (or `restore_spilled` and `load_rest`) puts together, for models larger than
-    memory. Without it, the model comes back whole."""
+    artifact.save puts together, for models larger than memory. Without it, the model comes
+    back whole."""
     result = Execution()
     spill = None
     if spill_dir is not None:

@@ -3,8 +3,8 @@
 On a model larger than memory the packed layers add up (a 4-bit 1 B-parameter model: ~500 MB
 by its last block) while nothing reads them again before the artifact is saved. A spill writes
 each finished block's packed layers to a file of its own and puts meta tensors in their place;
-the artifact writer (artifact.save) reads them back one tensor at a time, and a model that is
-needed whole again (evaluation, the Python API) gets them back with `restore`.
+the artifact writer (artifact.save) reads them back one tensor at a time. A run that needs the
+model whole afterwards does not spill (`--eval`), or reads the artifact back (job.QuantizeResult).
 """
 
 from __future__ import annotations
@@ -59,26 +59,6 @@ class Spill:
         with safe_open(str(self.files[name]), "pt") as f:
             return f.get_tensor(name)
 
-    def restore(self, model: nn.Module) -> None:
-        """Bring every spilled tensor back into `model`: it is whole in memory again."""
-        for name in list(self.files):
-            owner, _, leaf = name.rpartition(".")
-            sub = model.get_submodule(owner)
-            tensor = self.read(name)
-            if leaf in sub._buffers:
-                sub._buffers[leaf] = tensor
-            else:
-                sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-            del self.files[name]
-
 
 def model_spill(model: nn.Module) -> Spill | None:
     return getattr(model, "lowbit_spill", None)
-
-
-def restore_spilled(model: nn.Module) -> None:
-    """Make a model whose packed layers wait on disk whole again (a no-op otherwise)."""
-    spill = model_spill(model)
-    if spill is not None:
-        spill.restore(model)
-        del model.lowbit_spill
