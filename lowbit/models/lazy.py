@@ -190,15 +190,7 @@ class LazyWeights:
         of rows: what writing it to a file needs, without ever holding it whole."""
         param = model.get_parameter(name)
         key = _stored_name(self.store, [name])
-        if not self._in_rows(param):
-            yield self._assemble(key, param, dtype)
-            return
-        shape = self.store.shape(key)
-        if shape != tuple(param.shape):
-            self._ready(key, torch.empty(shape, device="meta"), param)  # raises the shape error
-        step = max(1, _ROWS_BYTES // (4 * param[0].numel()))
-        for a in range(0, shape[0], step):
-            rows = self.store.read_rows(key, a, min(a + step, shape[0])).to(param.dtype)
+        for rows in self._slices(key, param):
             yield (self.prepare(key, rows) if self.prepare is not None else rows).to(dtype)
 
     def _in_rows(self, param: nn.Parameter) -> bool:
@@ -206,19 +198,30 @@ class LazyWeights:
         dtype beside its float32 copy would double what it costs (a 1 B model's: 200 + 400 MB)."""
         return param.dim() >= 2 and hasattr(self.store, "read_rows") and param.numel() * 4 > _ROWS_BYTES
 
-    def _assemble(self, key: str, param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
-        """The prepared tensor in `dtype`; a large one built a slice of rows at a time, so that only
-        the result and one slice in the file's and the compute dtype are held."""
+    def _slices(self, key: str, param: nn.Parameter) -> Iterator[torch.Tensor]:
+        """Stored tensor `key` in `param`'s dtype, unprepared: whole, or a slice of rows at a time
+        when it is large (only one slice in the file's and the compute dtype is held)."""
         if not self._in_rows(param):
-            return self._ready(key, self._read([key])[0], param).to(dtype)
+            tensor = self._read([key])[0]
+            self._check_shape(key, tuple(tensor.shape), param)
+            yield tensor.to(param.dtype)
+            return
         shape = self.store.shape(key)
-        if shape != tuple(param.shape):
-            self._ready(key, torch.empty(shape, device="meta"), param)  # raises the shape error
-        out = torch.empty(shape, dtype=dtype)
+        self._check_shape(key, shape, param)
         step = max(1, _ROWS_BYTES // (4 * param[0].numel()))
         for a in range(0, shape[0], step):
-            rows = self.store.read_rows(key, a, min(a + step, shape[0])).to(param.dtype)
-            out[a : a + step] = (self.prepare(key, rows) if self.prepare is not None else rows).to(dtype)
+            yield self.store.read_rows(key, a, min(a + step, shape[0])).to(param.dtype)
+
+    def _assemble(self, key: str, param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+        """The prepared tensor in `dtype`, built from `_slices`."""
+        parts = self._slices(key, param)
+        if not self._in_rows(param):
+            tensor = next(parts)
+            return (self.prepare(key, tensor) if self.prepare is not None else tensor).to(dtype)
+        out, a = torch.empty(param.shape, dtype=dtype), 0
+        for rows in parts:
+            out[a : a + rows.shape[0]] = (self.prepare(key, rows) if self.prepare is not None else rows).to(dtype)
+            a += rows.shape[0]
         return out
 
     def scan(self, model: nn.Module, visit: Callable[[str, torch.Tensor], object], progress: bool = True) -> None:
@@ -235,14 +238,8 @@ class LazyWeights:
             by_block.setdefault(key, []).append(names)
         for part in tqdm(list(by_block.values()), desc="checking weights", disable=not progress):
             for names in part:  # one tensor at a time: a block of a large model is hundreds of MB
-                key, param = _stored_name(self.store, names), model.get_parameter(names[0])
-                if self._in_rows(param):  # a large table: a slice of rows at a time
-                    shape = self.store.shape(key)
-                    step = max(1, _ROWS_BYTES // (4 * param[0].numel()))
-                    for a in range(0, shape[0], step):
-                        visit(names[0], self.store.read_rows(key, a, min(a + step, shape[0])).to(param.dtype))
-                else:
-                    visit(names[0], self._read([key])[0].to(param.dtype))
+                for part in self._slices(_stored_name(self.store, names), model.get_parameter(names[0])):
+                    visit(names[0], part)
             trim()
 
     def release(self, model: nn.Module, prefix: str) -> None:
@@ -257,12 +254,16 @@ class LazyWeights:
         tensors = self.store.read(names)
         return [tensors[n] for n in names]
 
-    def _ready(self, name: str, tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        if tuple(tensor.shape) != tuple(param.shape):
+    @staticmethod
+    def _check_shape(name: str, shape: tuple[int, ...], param: nn.Parameter) -> None:
+        if shape != tuple(param.shape):
             raise ModelLoadError(
-                f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, the model's config says "
+                f"tensor {name} has shape {shape} in the checkpoint, the model's config says "
                 f"{tuple(param.shape)}; the checkpoint and its config.json do not match"
             )
+
+    def _ready(self, name: str, tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        self._check_shape(name, tuple(tensor.shape), param)
         tensor = tensor.to(param.dtype)
         return self.prepare(name, tensor) if self.prepare is not None else tensor
 
