@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read each decoder block from the checkpoint only when it is quantized, so the float model need "
         "not fit in memory (default on; --no-lazy loads the whole model first)",
     )
+    q.add_argument(
+        "--offload-activations",
+        choices=("cpu", "disk"),
+        help="keep the calibration activations between blocks in CPU memory (cpu) or in memory-mapped files "
+        "beside --out (disk) instead of on the compute device; same result, for many or long windows",
+    )
     _add_compute_options(q)
     _add_eval_options(q, legacy="quantize")
 
@@ -359,6 +365,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         lazy=args.lazy,
+        offload_activations=args.offload_activations,
     )
     m = done.manifest
     budget = m["settings"].get("budget")

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from lowbit.activations import Offload
 from lowbit.allocate.plan import Plan
 from lowbit.digests import model_digest
 from lowbit.errors import LowbitError
@@ -59,6 +60,7 @@ def execute(
     on_block_done=None,
     device: torch.device | None = None,
     spill_dir: str | os.PathLike | None = None,
+    offload: Offload | None = None,
 ) -> Execution:
     """Quantize what `plan` names; GPTQ needs the calibration `windows`, and with
     `checkpoint_dir` resumes an interrupted run (`resume=True`) from the state kept there.
@@ -67,7 +69,7 @@ def execute(
     With `spill_dir`, each finished block's packed layers go to disk there (spill.py) and a lazy
     model's unquantized tensors stay on disk: the model comes back in pieces that only
     artifact.save puts together, for models larger than memory. Without it, the model comes
-    back whole."""
+    back whole. With `offload`, GPTQ's activations between blocks wait in CPU memory or on disk."""
     result = Execution()
     spill = None
     if spill_dir is not None:
@@ -111,6 +113,7 @@ def execute(
             device,
             # once the blocks' inputs are recorded, a spilling run keeps the tables on disk too
             after_capture=None if spill is None else lambda: release_unquantized(model),
+            offload=offload,
         )
         result.layers.update(client.layers)
     if spill is None:
@@ -185,7 +188,10 @@ class GPTQExecution:
         outputs = None
         for k, stage in enumerate(stages):
             correct = self.settings.reuse_last_stage and k == len(stages) - 1 and len(stage) == 1 and len(stage[0]) == 1
-            accs = {group[0]: HessianAccumulator(keep_inputs=correct, keep_dtype=torch.bfloat16) for group in stage}
+            accs = {
+                group[0]: HessianAccumulator(keep_inputs=correct, keep_dtype=torch.bfloat16, store=block.store)
+                for group in stage
+            }
             float_outputs = block.run(accs, stop_after=None if correct else stage[-1][0])
             t0 = time.perf_counter()
             last = block.module.get_submodule(stage[0][0])

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.activations import Offload
 from lowbit.artifact import check_output_dir, read_manifest, save
 from lowbit.devices import resolve_device, resolve_dtype
 from lowbit.errors import LowbitError
@@ -75,6 +76,7 @@ def quantize_to_artifact(
     device: str = "auto",
     dtype: str = "auto",
     lazy: bool = True,
+    offload_activations: str | None = None,
 ) -> QuantizeResult:
     """Load `model`, quantize it by `recipe`, optionally evaluate it against the float model
     (`evaluation`), and write the artifact `out` (refused if it exists, unless `overwrite`).
@@ -87,8 +89,12 @@ def quantize_to_artifact(
     The work runs on `device` in `dtype` (auto: a GPU when there is one; float32 on a CPU).
     With `lazy` (the default), decoder blocks are read from the checkpoint only when a pass
     reaches them, so the float model need not fit in memory (a refinement, which runs the whole
-    model on every plan it scores, loads it whole)."""
+    model on every plan it scores, loads it whole). `offload_activations` ("cpu" or "disk") keeps
+    the calibration activations between blocks in CPU memory or in memory-mapped files beside
+    `out`, not on the device."""
     check_output_dir(out, overwrite)
+    if offload_activations is not None:
+        Offload(offload_activations)  # a wrong name is refused before the model loads
     compute = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, compute)
     work = resume_dir(out)
@@ -125,6 +131,7 @@ def quantize_to_artifact(
         device=compute,
         # nothing reads the packed blocks again before they are written, unless the run evaluates
         spill_dir=work / "spill" if evaluation is None else None,
+        offload_activations=offload_activations,
     )
     result = None
     if evaluation is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.activations import Offload
 from lowbit.allocate.kl_probe import probe_roles
 from lowbit.allocate.plan import Plan, Targets, allocate, find_targets
 from lowbit.allocate.sensitivity import measurements_for
@@ -47,6 +48,7 @@ def quantize(
     on_block_done=None,
     device: str | torch.device | None = None,
     spill_dir: str | os.PathLike | None = None,
+    offload_activations: str | None = None,
     **options: Any,
 ) -> nn.Module:
     """Quantize `model` in place by `recipe` (or by the flat `options` of Recipe.build, e.g.
@@ -65,7 +67,10 @@ def quantize(
     storage dtype first, so that calibration sees them exactly as the artifact will hold them.
 
     With `spill_dir`, finished blocks are kept on disk there and the model comes back in pieces
-    that only `lowbit.save` puts together (execute.py): for models larger than memory."""
+    that only `lowbit.save` puts together (execute.py): for models larger than memory. With
+    `offload_activations` ("cpu" or "disk") the calibration activations between blocks wait in
+    CPU memory or in memory-mapped files (under `checkpoint_dir`, else the temporary directory)
+    instead of on the compute device; the result is the same (activations.py)."""
     if recipe is None:
         recipe = Recipe.build(**options)
     elif not isinstance(recipe, Recipe):
@@ -87,11 +92,16 @@ def quantize(
         windows = calibration_data(tokenizer, cal.source, cal.nsamples, cal.seqlen)
         _check_context(model, windows)
     work = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    offload = None
+    if offload_activations is not None:
+        offload = Offload(offload_activations, None if work is None else work / "activations").check()
     with torch.no_grad():
         round_parameters(model, DTYPES[recipe.storage_dtype])
         if recipe.budget is not None and recipe.budget.refine_seconds > 0:
             load_rest(model)  # the refinement runs the whole model on every plan it scores
-        plan = _plan(model, adapter, recipe, targets, windows, tokenizer, measurements, work, resume, progress, compute)
+        plan = _plan(
+            model, adapter, recipe, targets, windows, tokenizer, measurements, work, resume, progress, compute, offload
+        )
         done = execute(
             model,
             adapter,
@@ -105,6 +115,7 @@ def quantize(
             on_block_done,
             compute,
             spill_dir,
+            offload,
         )
     settings = recipe.settings()
     if plan.budget is not None:
@@ -130,7 +141,7 @@ def quantize(
 
 
 def _plan(
-    model, adapter, recipe: Recipe, targets: Targets, windows, tokenizer, path, work, resume, progress, device
+    model, adapter, recipe: Recipe, targets: Targets, windows, tokenizer, path, work, resume, progress, device, offload
 ) -> Plan:
     """The uniform plan, or a budget's: measurements (from `path` or a fresh pass), then the allocator."""
     budget = recipe.budget
@@ -152,6 +163,7 @@ def _plan(
         resume=resume,
         progress=progress,
         device=device,
+        offload=offload,
     )
     probe_seconds = None
     if budget.weighting == "kl" and not meas.kl_scale:

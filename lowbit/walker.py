@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.activations import Activations, Offload
 from lowbit.devices import to_device
 from lowbit.errors import CheckpointError, NonFiniteActivationError
 from lowbit.memory import trim
@@ -154,7 +155,7 @@ class HessianAccumulator:
     idle OpenBLAS threads then spin against torch's and slowed the block forwards by ~30 % on a
     2-core CPU, more than the Hessians gained.
 
-    With `keep_inputs`, the inputs are also kept (one tensor per batch), for the output
+    With `keep_inputs`, the inputs are also kept (one tensor per batch, in `store` if given), for the output
     correction of a block's last stage (`Block.corrected_outputs`), in `keep_dtype`: bfloat16
     halves what a wide input costs (smollm2's down_proj inputs on 128 x 512 windows: 403 MB in
     float32, the largest thing a GPTQ block holds), and the correction it feeds only needs to
@@ -164,15 +165,19 @@ class HessianAccumulator:
     _TRIANGLE_MIN = 512  # narrower inputs: one full matmul is as fast
     _ROW_BLOCKS = 4
 
-    def __init__(self, keep_inputs: bool = False, keep_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, keep_inputs: bool = False, keep_dtype: torch.dtype | None = None, store: Activations | None = None
+    ) -> None:
         self.xtx: torch.Tensor | None = None
         self.rows = 0
         self.inputs: list[torch.Tensor] | None = [] if keep_inputs else None
         self.keep_dtype = keep_dtype
+        self.store = store  # where kept inputs wait (with the block's activations)
 
     def update(self, x: torch.Tensor) -> None:
         if self.inputs is not None:
-            self.inputs.append(x if self.keep_dtype is None else x.to(self.keep_dtype))
+            kept = x if self.keep_dtype is None else x.to(self.keep_dtype)
+            self.inputs.append(kept if self.store is None else self.store.keep(kept))
         x = x.reshape(-1, x.shape[-1]).float()
         d = x.shape[1]
         if self.xtx is None:
@@ -211,6 +216,7 @@ class Block:
     inputs: list[torch.Tensor]
     calls: BlockCalls
     stats: WalkStats
+    store: Activations  # where `inputs` and the outputs wait between batches
     postfix: dict[str, str] = field(default_factory=dict)  # shown on the progress bar once the block is done
 
     def groups(self, adapter: ArchAdapter, wanted: Callable[[str], bool]) -> list[list[str]]:
@@ -254,14 +260,15 @@ class Block:
 
     def _forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         outs: list[torch.Tensor] | None = []
+        args, kwargs = self.calls.args[self.index], self.calls.kwargs[self.index]
         for b, x in enumerate(inputs):
             try:
-                y = self.module(x, *self.calls.args[self.index][b], **self.calls.kwargs[self.index][b])
+                y = self.module(self.store.fetch(x), *args[b], **kwargs[b])
             except _StopForward:
                 outs = None
                 continue
             if outs is not None:
-                outs.append(y[0] if isinstance(y, tuple) else y)
+                outs.append(self.store.keep(y[0] if isinstance(y, tuple) else y))
         return outs
 
     def corrected_outputs(
@@ -279,20 +286,21 @@ class Block:
         t0 = time.perf_counter()
         actual = self._forward(self.inputs[:1])[0]
         outs = [actual]
+        fetch = self.store.fetch
         for b in range(len(self.inputs)):
-            x = layer_inputs[b]
+            x = fetch(layer_inputs[b])
             layer_inputs[b] = None
             fix = (x.reshape(-1, x.shape[-1]).to(delta.dtype) @ delta.t()).reshape(float_outputs[b].shape)
             del x
             fix = fix.to(float_outputs[b].dtype)
             if b == 0:
-                guess = float_outputs[b] + fix
-                miss = (guess - actual).float().norm()
-                if miss > 1e-2 * fix.float().norm() + 1e-5 * actual.float().norm():
+                real = fetch(actual)
+                miss = (fetch(float_outputs[b]) + fix - real).float().norm()
+                if miss > 1e-2 * fix.float().norm() + 1e-5 * real.float().norm():
                     outs += self._forward(self.inputs[1:])
                     break
                 continue
-            outs.append(float_outputs[b].add_(fix))
+            outs.append(float_outputs[b].add_(fix.to(float_outputs[b].device)))
         self.stats.forward += time.perf_counter() - t0
         return outs
 
@@ -398,6 +406,7 @@ def walk(
     on_block_done: Callable[[int], None] | None = None,
     device: torch.device | None = None,
     after_capture: Callable[[], None] | None = None,
+    offload: Offload | None = None,
 ) -> WalkStats:
     """Take `client` through every decoder block of `model` on the calibration `windows`.
 
@@ -409,13 +418,14 @@ def walk(
     With `device`, each block is moved there for its work (with the activations, which stay
     there) and back to the model's device after it, packed: one block on the device at a time.
     `after_capture()` runs once every block's inputs are recorded, when the embedding and the
-    head are no longer needed by the walk (a client may free them)."""
+    head are no longer needed by the walk (a client may free them). With `offload`, the
+    activations between blocks wait in CPU memory or on disk instead (activations.py)."""
     stats = WalkStats(calibration_tokens=int(windows.numel()))
     t_start = time.perf_counter()
     blocks = decoder_blocks(model, adapter)
 
     def block(i: int, inputs: list[torch.Tensor]) -> Block:
-        return Block(i, blocks[i], f"{adapter.blocks}.{i}.", inputs, calls, stats)
+        return Block(i, blocks[i], f"{adapter.blocks}.{i}.", inputs, calls, stats, store)
 
     lazy = lazy_weights(model)
     prefix = [f"{adapter.blocks}.{i}." for i in range(len(blocks))]
@@ -427,9 +437,10 @@ def walk(
     if after_capture is not None:
         after_capture()
     device = home if device is None else device
-    if device != home:  # everything a block is called with, on the compute device once
+    store = Activations(device, offload)
+    calls.first_inputs = [store.keep(x) for x in calls.first_inputs]
+    if device != home:  # everything else a block is called with, on the compute device once
         moved: dict[int, torch.Tensor] = {}
-        calls.first_inputs = to_device(calls.first_inputs, device, moved)
         calls.args = to_device(calls.args, device, moved)
         calls.kwargs = to_device(calls.kwargs, device, moved)
     stats.capture = time.perf_counter() - t0
@@ -441,7 +452,7 @@ def walk(
         state = checkpoint.read_state()
         start = int(state["blocks_done"])
         client.restore(state["client"], [(block(i, []), checkpoint.load_tensors(i)) for i in range(start)])
-        inputs = [x.to(device) for x in checkpoint.load_inputs(start)]
+        inputs = [store.keep(x) for x in checkpoint.load_inputs(start)]
         stats.resumed_blocks = start
         if lazy is not None and client.releases_blocks and start > 0:
             lazy.release(model, prefix[0])

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lowbit
+from lowbit.activations import Activations, Offload
 from lowbit.allocate.size import fixed_bytes
-from lowbit.errors import ModelLoadError, NonFiniteWeightError
+from lowbit.errors import LowbitError, ModelLoadError, NonFiniteWeightError
 from lowbit.eval import build_reference
 from lowbit.models.adapters import decoder_blocks, get_adapter, quantizable_linears
 from lowbit.models.lazy import lazy_weights
@@ -92,6 +93,36 @@ def test_lazy_and_whole_loading_write_byte_identical_artifacts(tmp_path, sharded
         out = lowbit.save(model, tmp_path / f"art-{lazy}-{spill}")
         files.append((out / "model.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
+
+
+@pytest.mark.parametrize("options", [{}, {"budget_bpw": 5.0}], ids=["gptq", "budget"])
+def test_activations_offloaded_to_cpu_or_disk_give_the_same_artifact(tmp_path, sharded_dir, options, monkeypatch):
+    """Where the activations between blocks wait changes no byte: GPTQ's pass (with its output
+    correction) and a budget's measurement pass, with the batches in memory-mapped files."""
+    to_file = Activations._to_file
+    written = []
+    monkeypatch.setattr(Activations, "_to_file", lambda self, x: written.append(x.shape) or to_file(self, x))
+    files = []
+    for offload in (None, "disk") if options else (None, "cpu", "disk"):  # on a CPU, cpu is where they are
+        work = tmp_path / f"work-{offload}"
+        model = _quantize_file(sharded_dir, True, offload_activations=offload, checkpoint_dir=work, **options)
+        files.append((lowbit.save(model, tmp_path / f"art-{offload}") / "model.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    assert len(written) >= 3 * 2  # every block's outputs of both batches went to files
+    assert not any((tmp_path / "work-disk" / "activations").iterdir())  # every mapped file was unlinked
+
+
+def test_an_unknown_or_unwritable_activation_offload_is_refused_before_any_work(tmp_path, sharded_dir):
+    from lowbit.job import quantize_to_artifact
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe.build(bits=4, group_size=32, calib=WINDOWS)
+    with pytest.raises(LowbitError, match="unknown activation offload 'gpu'; choose one of cpu, disk"):
+        quantize_to_artifact(sharded_dir, recipe, tmp_path / "a", offload_activations="gpu", progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LowbitError, match="cannot write activations to .*file.*pick a writable directory"):
+        Offload("disk", tmp_path / "file" / "sub").check()
+    assert not (tmp_path / "a").exists()
 
 
 def test_a_run_without_evaluation_spills_its_blocks_and_its_model_reads_the_artifact(tmp_path, sharded_dir):

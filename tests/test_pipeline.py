@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,18 +224,22 @@ def test_hessian_of_wide_inputs_from_the_upper_triangle_matches_the_full_product
 
 
 @pytest.mark.parametrize(
-    ("arch", "last", "linear", "keep"),
+    ("arch", "last", "linear", "keep", "offload"),
     [
-        ("llama", "mlp.down_proj", True, None),
-        ("llama", "mlp.down_proj", True, torch.bfloat16),
-        ("gpt2", "mlp.c_proj", True, None),
-        ("gemma2", "mlp.down_proj", False, None),
+        ("llama", "mlp.down_proj", True, None, None),
+        ("llama", "mlp.down_proj", True, torch.bfloat16, None),
+        ("llama", "mlp.down_proj", True, None, "disk"),
+        ("gpt2", "mlp.c_proj", True, None, None),
+        ("gemma2", "mlp.down_proj", False, None, None),
+        ("gemma2", "mlp.down_proj", False, None, "disk"),
     ],
 )
-def test_last_stage_output_correction_is_exact_or_falls_back(arch, last, linear, keep):
+def test_last_stage_output_correction_is_exact_or_falls_back(arch, last, linear, keep, offload, tmp_path):
     """Block outputs after the last linear changed: the X·dWᵀ shortcut where the linear feeds
     the residual stream directly, every batch run for real where a norm follows it (Gemma 2).
-    With the layer inputs kept in bfloat16, the correction is right to 1 % of the change."""
+    With the layer inputs kept in bfloat16, the correction is right to 1 % of the change; with
+    the activations in files on disk, it is what it is in memory."""
+    from lowbit.activations import Activations, Offload
     from lowbit.models.adapters import decoder_blocks, get_adapter, linear_weight
     from lowbit.walker import Block, HessianAccumulator, WalkStats, capture_block_calls
 
@@ -242,9 +247,11 @@ def test_last_stage_output_correction_is_exact_or_falls_back(arch, last, linear,
     adapter = get_adapter(model.config.model_type)
     calls = capture_block_calls(model, adapter, WINDOWS, batch_size=4)
     module = decoder_blocks(model, adapter)[0]
-    block = Block(0, module, f"{adapter.blocks}.0.", calls.first_inputs, calls, WalkStats())
+    store = Activations(torch.device("cpu"), None if offload is None else Offload(offload, tmp_path).check())
+    inputs = [store.keep(x) for x in calls.first_inputs]
+    block = Block(0, module, f"{adapter.blocks}.0.", inputs, calls, WalkStats(), store)
     layer = module.get_submodule(last)
-    seen = HessianAccumulator(keep_inputs=True, keep_dtype=keep)
+    seen = HessianAccumulator(keep_inputs=True, keep_dtype=keep, store=store)
     with torch.no_grad():
         before = block.run({last: seen})
     given = [b.clone() for b in before]  # corrected_outputs consumes what it is given
@@ -266,6 +273,10 @@ def test_last_stage_output_correction_is_exact_or_falls_back(arch, last, linear,
             assert (g - t).norm() < 1e-2 * (t - b).norm()
         assert not torch.allclose(t, b)  # the change mattered
     assert len(runs) == (1 if linear else 4)
+    if offload == "disk":  # the outputs are mapped files, already unlinked: nothing is left behind
+        mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path) in line]
+        assert len(mapped) >= len(got) and all(line.endswith("(deleted)") for line in mapped)
+        assert not any(tmp_path.iterdir())
 
 
 def test_pipeline_with_and_without_the_output_correction_agree():

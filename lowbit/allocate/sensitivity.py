@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.activations import Offload
 from lowbit.digests import model_digest, windows_digest
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, format_from_dict
@@ -252,6 +253,7 @@ def measure(
     resume: bool = False,
     on_block_done=None,
     device: torch.device | None = None,
+    offload: Offload | None = None,
 ) -> Measurements:
     """Solve every layer in `layers` (full names) with every candidate; the model is not changed.
 
@@ -274,7 +276,19 @@ def measure(
     if checkpoint_dir is not None:
         key = _pass_key(digest, windows, layers, candidates, settings, keep_weights)
         checkpoint = Checkpoint(checkpoint_dir, key)
-    walk(model, adapter, windows, client, settings.batch_size, checkpoint, resume, progress, on_block_done, device)
+    walk(
+        model,
+        adapter,
+        windows,
+        client,
+        settings.batch_size,
+        checkpoint,
+        resume,
+        progress,
+        on_block_done,
+        device,
+        offload=offload,
+    )
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -311,6 +325,7 @@ def measurements_for(
     progress: bool = True,
     on_block_done=None,
     device: torch.device | None = None,
+    offload: Offload | None = None,
 ) -> tuple[Measurements, bool]:
     """The measurements from `path` when it holds this model's, calibration's and candidates'
     (refused, naming the mismatch, when it holds another's); otherwise measured, and saved to
@@ -338,6 +353,7 @@ def measurements_for(
         resume,
         on_block_done,
         device,
+        offload,
     )
     if path is not None:
         meas.save(path)
