@@ -21,9 +21,9 @@ MODEL = "smollm2-135m"
 RESULTS = Path(__file__).parent / "results" / "foundation.json"
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float]:
-    """stdout, wall seconds, peak RSS (MB) of a command."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+def timed(cmd: list[str], env: dict[str, str] | None = None, preexec_fn=None) -> tuple[str, float, float]:
+    """stdout, wall seconds, peak RSS (MB) of a command; `preexec_fn` runs in the child first."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, preexec_fn=preexec_fn)
     if proc.returncode != 0:
         sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)

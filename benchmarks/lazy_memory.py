@@ -11,6 +11,13 @@ smollm2's tokenizer: 22 blocks of width 2048, MLP 5632, vocabulary 49152, tied e
 bfloat16 safetensors shards, quantized lazily with RTN and with GPTQ on a few windows: its file
 size against the command's peak RSS, and the time per block.
 
+With `--memory-limit MB`, every command runs in a cgroup (v1) whose memory limit is MB MiB: a hard
+bound on what it may hold resident (this machine has no swap; page cache, the safetensors file
+mappings and `--offload-activations disk` files count too, but the kernel can drop or write them
+back). A run that needs more is killed, and the benchmark stops there. `--extra` appends options to
+every `lowbit quantize` (e.g. `--offload-activations disk`); `--key` names the smollm2 part's
+entry in the results file, so a limited run does not replace the unlimited one.
+
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/lazy_memory.py --work /tmp/lazy-bench
 """
 
@@ -19,10 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,11 +93,40 @@ def make_big_model(folder: Path, shard_bytes: int = 1 << 30) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run(lowbit: str, args: list[str], out: Path, code: Path | None = None) -> dict:
-    """One `lowbit quantize`; with `code`, that checkout's lowbit package is imported instead."""
+CGROUPS = Path("/sys/fs/cgroup/memory")
+
+
+@contextmanager
+def memory_cgroup(limit_mb: int | None):
+    """A cgroup v1 memory group limited to `limit_mb` MiB (None: no group, no limit)."""
+    if limit_mb is None:
+        yield None
+        return
+    group = CGROUPS / f"lowbit-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
+        yield group
+    finally:
+        group.rmdir()
+
+
+def run(lowbit: str, args: list[str], out: Path, code: Path | None = None, group: Path | None = None) -> dict:
+    """One `lowbit quantize`; with `code`, that checkout's lowbit package is imported instead;
+    with `group`, the command runs in that memory cgroup."""
     shutil.rmtree(out, ignore_errors=True)
     env = None if code is None else {**os.environ, "PYTHONPATH": str(code.resolve())}
-    stdout, wall, rss = timed([lowbit, "quantize", *args, "--out", str(out), "--overwrite", "--json"], env)
+    join = None
+    if group is not None:
+        (group / "memory.max_usage_in_bytes").write_text("0")
+        procs = str(group / "cgroup.procs")
+
+        def join() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+    cmd = [lowbit, "quantize", *args, "--out", str(out), "--overwrite", "--json"]
+    stdout, wall, rss = timed(cmd, env, preexec_fn=join)
     summary = json.loads(stdout)
     manifest = json.loads((out / "lowbit_manifest.json").read_text())
     pipeline = manifest["stats"].get("pipeline") or {}
@@ -100,6 +138,16 @@ def run(lowbit: str, args: list[str], out: Path, code: Path | None = None) -> di
         "quantize_seconds": manifest["stats"]["quantize_seconds"],
         "pipeline": pipeline,
         "artifact_bytes": summary["artifact_bytes"],
+        **(
+            {}
+            if group is None
+            else {
+                "memory_limit_mb": int((group / "memory.limit_in_bytes").read_text()) >> 20,
+                # the group's peak: resident memory plus the page cache it was charged for
+                "cgroup_peak_mb": int((group / "memory.max_usage_in_bytes").read_text()) / 2**20,
+                "limit_hits": int((group / "memory.failcnt").read_text()),
+            }
+        ),
     }
 
 
@@ -112,8 +160,12 @@ def main() -> None:
     ap.add_argument("--before", type=Path, help="smollm2: compare lazy runs with this checkout's code (before/after)")
     ap.add_argument("--big-runs", default="rtn,gptq", help="the big model's runs: rtn, gptq (comma-separated)")
     ap.add_argument("--big-windows", type=int, default=8, help="GPTQ calibration windows (512 tokens) on the big model")
+    ap.add_argument("--memory-limit", type=int, help="run every command in a cgroup limited to this many MiB")
+    ap.add_argument("--extra", default="", help="options appended to every lowbit quantize")
+    ap.add_argument("--key", default="smollm2", help="the smollm2 part's entry in the results file")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    extra = shlex.split(args.extra)
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name, *sys.argv])}
     if args.out.is_file():  # keep the other part's rows when one part is rerun
@@ -130,7 +182,8 @@ def main() -> None:
         for r in range(args.repeats):
             for label, lazy, code in variants:
                 flag = "--lazy" if lazy else "--no-lazy"
-                row = run(args.lowbit, [*gptq, flag], args.work / "smollm2-art", code)
+                with memory_cgroup(args.memory_limit) as group:
+                    row = run(args.lowbit, [*gptq, flag, *extra], args.work / "smollm2-art", code, group)
                 rows.append({"run": label, "lazy": lazy, "repeat": r, **row})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "pipeline"}), flush=True)
         before = None
@@ -138,20 +191,25 @@ def main() -> None:
             git = ["git", "-C", str(args.before), "rev-parse", "HEAD"]
             commit = subprocess.run(git, capture_output=True, text=True)
             before = {"path": str(args.before), "commit": commit.stdout.strip()}
-        result["smollm2"] = {"command": result["command"], "date": result["date"], "before": before, "runs": rows}
+        result[args.key] = {"command": result["command"], "date": result["date"], "before": before, "runs": rows}
     if "big" in parts:
         folder = args.work / "big-llama"
         file_bytes = make_big_model(folder)
         params = file_bytes // 2  # bfloat16
-        rerun = set(args.big_runs.split(","))
+        wanted = args.big_runs.split(",")
+        suffix = "" if args.memory_limit is None else f" under {args.memory_limit} MiB"
+        rerun = {w + suffix for w in wanted}
         rows = [r for r in (result.get("big") or {}).get("runs", []) if r["run"] not in rerun]  # kept from before
-        for label, extra in (
+        for label, options in (
             ("rtn", ["--method", "rtn"]),
             ("gptq", ["--nsamples", str(args.big_windows), "--calib-seqlen", "512"]),
         ):
-            if label not in args.big_runs.split(","):
+            if label not in wanted:
                 continue
-            row = run(args.lowbit, [str(folder), "--bits", "4", "--group-size", "128", *extra], args.work / "big-art")
+            label += suffix
+            big = [str(folder), "--bits", "4", "--group-size", "128", *options, *extra]
+            with memory_cgroup(args.memory_limit) as group:
+                row = run(args.lowbit, big, args.work / "big-art", group=group)
             row["per_block_seconds"] = row["quantize_seconds"] / BIG["num_hidden_layers"]
             row["rss_over_file"] = row["peak_rss_mb"] * 2**20 / file_bytes
             rows.append({"run": label, "file_bytes": file_bytes, **row})
