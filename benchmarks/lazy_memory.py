@@ -177,6 +177,8 @@ def main() -> None:
         variants = (
             [("before", True, args.before), ("after", True, None)]
             if args.before
+            else [("lazy", True, None)]
+            if args.memory_limit  # the whole-model path is not meant to fit a limit
             else [("lazy", True, None), ("whole", False, None)]
         )
         for r in range(args.repeats):
