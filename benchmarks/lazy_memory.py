@@ -11,12 +11,15 @@ smollm2's tokenizer: 22 blocks of width 2048, MLP 5632, vocabulary 49152, tied e
 bfloat16 safetensors shards, quantized lazily with RTN and with GPTQ on a few windows: its file
 size against the command's peak RSS, and the time per block.
 
-With `--memory-limit MB`, every command runs in a cgroup (v1) whose memory limit is MB MiB: a hard
+Where the machine lets a process make cgroup (v1) memory groups, every command runs in one, and
+its peak anonymous memory is sampled (`anon_peak_mb`: what it must hold resident; RSS also counts
+file pages the kernel may drop). With `--memory-limit MB` that group's memory limit is MB MiB: a hard
 bound on what it may hold resident (this machine has no swap; page cache, the safetensors file
 mappings and `--offload-activations disk` files count too, but the kernel can drop or write them
-back). A run that needs more is killed, and the benchmark stops there. `--extra` appends options to
-every `lowbit quantize` (e.g. `--offload-activations disk`); `--key` names the smollm2 part's
-entry in the results file, so a limited run does not replace the unlimited one.
+back). A run that needs more is killed, and the benchmark stops there. smollm2 then alternates an
+unlimited lazy run with a limited one, side by side, and the big model runs under the limit.
+`--extra` appends options to the limited runs (e.g. `--offload-activations disk`); `--key` names
+the smollm2 part's entry in the results file, so a limited comparison does not replace the others.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/lazy_memory.py --work /tmp/lazy-bench
 """
@@ -30,8 +33,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -98,17 +102,46 @@ CGROUPS = Path("/sys/fs/cgroup/memory")
 
 @contextmanager
 def memory_cgroup(limit_mb: int | None):
-    """A cgroup v1 memory group limited to `limit_mb` MiB (None: no group, no limit)."""
-    if limit_mb is None:
+    """A cgroup v1 memory group, limited to `limit_mb` MiB when given (None where this machine
+    has no writable cgroup v1 memory controller and no limit was asked for)."""
+    group = CGROUPS / f"lowbit-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError:
+        if limit_mb is not None:
+            raise
         yield None
         return
-    group = CGROUPS / f"lowbit-bench-{os.getpid()}"
-    group.mkdir()
     try:
-        (group / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
+        if limit_mb is not None:
+            (group / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
         yield group
     finally:
         group.rmdir()
+
+
+class AnonPeak:
+    """The largest anonymous (non-file, non-evictable without swap) memory of a cgroup, sampled
+    every 0.2 s from memory.stat: what a run needs resident, where RSS also counts file pages
+    (libraries, the mapped model, activation files) that the kernel can drop under pressure."""
+
+    def __init__(self, group: Path) -> None:
+        self.stat, self.peak, self._stop = group / "memory.stat", 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for line in self.stat.read_text().splitlines():
+                if line.startswith("rss "):
+                    self.peak = max(self.peak, int(line.split()[1]))
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run(lowbit: str, args: list[str], out: Path, code: Path | None = None, group: Path | None = None) -> dict:
@@ -126,7 +159,8 @@ def run(lowbit: str, args: list[str], out: Path, code: Path | None = None, group
                 f.write(str(os.getpid()))
 
     cmd = [lowbit, "quantize", *args, "--out", str(out), "--overwrite", "--json"]
-    stdout, wall, rss = timed(cmd, env, preexec_fn=join)
+    with AnonPeak(group) if group is not None else nullcontext() as anon:
+        stdout, wall, rss = timed(cmd, env, preexec_fn=join)
     summary = json.loads(stdout)
     manifest = json.loads((out / "lowbit_manifest.json").read_text())
     pipeline = manifest["stats"].get("pipeline") or {}
@@ -142,7 +176,10 @@ def run(lowbit: str, args: list[str], out: Path, code: Path | None = None, group
             {}
             if group is None
             else {
-                "memory_limit_mb": int((group / "memory.limit_in_bytes").read_text()) >> 20,
+                "anon_peak_mb": anon.peak / 2**20,
+                "memory_limit_mb": limit
+                if (limit := int((group / "memory.limit_in_bytes").read_text()) >> 20) < 2**40
+                else None,
                 # the group's peak: resident memory plus the page cache it was charged for
                 "cgroup_peak_mb": int((group / "memory.max_usage_in_bytes").read_text()) / 2**20,
                 "limit_hits": int((group / "memory.failcnt").read_text()),
@@ -161,7 +198,7 @@ def main() -> None:
     ap.add_argument("--big-runs", default="rtn,gptq", help="the big model's runs: rtn, gptq (comma-separated)")
     ap.add_argument("--big-windows", type=int, default=8, help="GPTQ calibration windows (512 tokens) on the big model")
     ap.add_argument("--memory-limit", type=int, help="run every command in a cgroup limited to this many MiB")
-    ap.add_argument("--extra", default="", help="options appended to every lowbit quantize")
+    ap.add_argument("--extra", default="", help="options appended to every lowbit quantize under --memory-limit")
     ap.add_argument("--key", default="smollm2", help="the smollm2 part's entry in the results file")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -174,18 +211,20 @@ def main() -> None:
     if "smollm2" in parts:
         gptq = ["smollm2-135m", "--bits", "4", "--group-size", "128"]
         rows = []
+        # (label, lazy, code, memory limit, extra options)
         variants = (
-            [("before", True, args.before), ("after", True, None)]
+            [("before", True, args.before, None, []), ("after", True, None, None, [])]
             if args.before
-            else [("lazy", True, None)]
-            if args.memory_limit  # the whole-model path is not meant to fit a limit
-            else [("lazy", True, None), ("whole", False, None)]
+            # the limited run beside the unlimited lazy one (the whole-model path is not meant to fit a limit)
+            else [("lazy", True, None, None, []), ("lazy, limited", True, None, args.memory_limit, extra)]
+            if args.memory_limit
+            else [("lazy", True, None, None, []), ("whole", False, None, None, [])]
         )
         for r in range(args.repeats):
-            for label, lazy, code in variants:
+            for label, lazy, code, limit, options in variants:
                 flag = "--lazy" if lazy else "--no-lazy"
-                with memory_cgroup(args.memory_limit) as group:
-                    row = run(args.lowbit, [*gptq, flag, *extra], args.work / "smollm2-art", code, group)
+                with memory_cgroup(limit) as group:
+                    row = run(args.lowbit, [*gptq, flag, *options], args.work / "smollm2-art", code, group)
                 rows.append({"run": label, "lazy": lazy, "repeat": r, **row})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "pipeline"}), flush=True)
         before = None
@@ -209,7 +248,7 @@ def main() -> None:
             if label not in wanted:
                 continue
             label += suffix
-            big = [str(folder), "--bits", "4", "--group-size", "128", *options, *extra]
+            big = [str(folder), "--bits", "4", "--group-size", "128", *options, *(extra if args.memory_limit else [])]
             with memory_cgroup(args.memory_limit) as group:
                 row = run(args.lowbit, big, args.work / "big-art", group=group)
             row["per_block_seconds"] = row["quantize_seconds"] / BIG["num_hidden_layers"]
