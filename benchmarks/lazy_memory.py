@@ -204,7 +204,7 @@ def main() -> None:
     args = ap.parse_args()
     extra = shlex.split(args.extra)
     args.work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "command": shlex.join([Path(sys.executable).name, *sys.argv])}
     if args.out.is_file():  # keep the other part's rows when one part is rerun
         result = {**json.loads(args.out.read_text()), **result}
     parts = args.parts.split(",")
