@@ -242,6 +242,13 @@ class Block:
         self.stats.forward += time.perf_counter() - t0 - (self.stats.hessian - h0)
         return outputs
 
+    def outputs_for(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The block's outputs on other inputs than its own (another model's stream through it)."""
+        t0 = time.perf_counter()
+        outputs = self._forward(inputs)
+        self.stats.forward += time.perf_counter() - t0
+        return outputs
+
     def _hook(self, name: str, observer: Observer, stop: bool):
         def hook(_module: nn.Module, args: tuple) -> None:
             t0 = time.perf_counter()

@@ -130,3 +130,37 @@ def test_the_role_probe_skips_a_candidate_a_role_cannot_hold():
         else:
             assert row[1] == row[2] and row[3] > 0 and row[3] != 1.0, role
     assert 32 in seen and 64 in seen
+
+
+def test_the_role_probe_reads_a_lazy_model_one_block_at_a_time_and_agrees_with_the_whole_one(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """The probe walks the blocks once, every probed stream beside the float one: a model larger
+    than memory is never read whole, and the scale is the one a whole model gives."""
+    path = tmp_path / "sharded"
+    make_tiny_model("llama", layers=3).save_pretrained(path, max_shard_size="40KB")
+    tiny_tokenizer.save_pretrained(path)
+    eager = lowbit.load_model(path, lazy=False).model
+    linears = [n for n, _ in quantizable_linears(eager, get_adapter("llama"))]
+    errors = {n: [0.02, 0.005, 0.006, 1e-6] for n in linears}
+    whole = probe_roles(eager, errors, CANDIDATES, WINDOWS, progress=False)
+
+    lazy = lowbit.load_model(path, lazy=True).model
+    kl_probe = importlib.import_module("lowbit.allocate.kl_probe")
+    monkeypatch.setattr(kl_probe, "load_rest", lambda model: pytest.fail("the role probe read the model whole"))
+    held = []
+    walker = importlib.import_module("lowbit.walker")
+    run = walker.Block.run
+    monkeypatch.setattr(
+        walker.Block, "run", lambda self, *a, **k: held.append(_loaded_blocks(lazy)) or run(self, *a, **k)
+    )
+    by_blocks = probe_roles(lazy, errors, CANDIDATES, WINDOWS, progress=False)
+    assert held and max(held) == 1
+    assert by_blocks.keys() == whole.keys()
+    for role in whole:
+        assert by_blocks[role] == pytest.approx(whole[role], rel=1e-4), role
+
+
+def _loaded_blocks(model) -> int:
+    """How many decoder blocks hold real (not meta) weights."""
+    return sum(not next(b.parameters()).is_meta for b in model.model.layers)

@@ -23,8 +23,10 @@ k_proj, ...) moved toward one bit width's grid until its error is the one GPTQ m
 summed relative error per role and width, so that a plan's summed weighted error predicts its
 KL (issue: budgets against the uniform frontier).
 
-Each probe is a forward pass over the whole model, so a model read block by block
-(models/lazy.py) is read whole first.
+The role probe walks the blocks once (the block walker), carrying one stream of activations
+per role and width beside the float one, so a model read block by block (models/lazy.py) holds
+one float block at a time. The table probe runs whole forwards (a table is at both ends of the
+model), so such a model is read whole for it.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ from tqdm.auto import tqdm
 
 from lowbit.allocate.sensitivity import layer_role
 from lowbit.eval.metrics import evaluate_windows
-from lowbit.eval.reference import build_reference
+from lowbit.eval.reference import build_reference, replayed
 from lowbit.formats import Format
-from lowbit.models.adapters import linear_weight
+from lowbit.models.adapters import get_adapter, linear_weight
 from lowbit.models.lazy import lazy_weights, load_rest, release_blocks
 from lowbit.tables import Table, quantize_weight
 from lowbit.targets import fits
+from lowbit.walker import Block, walk
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,6 @@ def probe_roles(
     and would measure KL in a regime no plan reaches."""
     windows = probe_windows(windows)
     linears = list(errors)
-    modules = {n: model.get_submodule(n) for n in linears}
     roles: dict[str, list[str]] = {}
     for n in linears:
         roles.setdefault(layer_role(n), []).append(n)
@@ -143,26 +145,85 @@ def probe_roles(
             if k is None or fmt.group_size > candidates[k].group_size:
                 widths[role][fmt.bits] = j
     probed = sorted({j for row in widths.values() for j in row.values()})
-    with _whole(model, windows) as reference:
-        bar = tqdm(total=1 + sum(len(row) for row in widths.values()), desc="KL probe", disable=not progress)
-        rtn = _relative_errors(model, modules, [candidates[j] for j in probed], windows)
-        rtn = {n: dict(zip(probed, row, strict=True)) for n, row in rtn.items()}
-        bar.update()
-        per_width: dict[str, dict[int, float]] = {}
-        for role, names in roles.items():
-            per_width[role] = {}
-            for bits, j in widths[role].items():
-                shrink = {n: (errors[n][j] / rtn[n][j]) ** 0.5 if rtn[n][j] > 0 else 0.0 for n in names}
-                with _swapped({n: linear_weight(modules[n]) for n in names}, candidates[j], True, shrink):
-                    kl = evaluate_windows(model, windows, reference, batch_size=1, progress=False)["kld"]
-                summed = sum(errors[n][j] for n in names)
-                per_width[role][bits] = kl / summed if summed > 0 else 0.0
-                bar.update()
-        bar.close()
+    streams = [(role, bits, j) for role, row in widths.items() for bits, j in row.items()]
+    batch = len(windows)  # one batch: each layer is rounded once per candidate
+    reference = build_reference(model, windows, batch, progress=False)  # block by block when lazy
+    client = _RoleProbePass(roles, errors, candidates, probed, streams)
+    walk(model, get_adapter(model.config.model_type), windows, client, batch, progress=progress)
+    per_width: dict[str, dict[int, float]] = {}
+    for k, (role, bits, j) in enumerate(streams):
+        with replayed(model, client.streams[k], client.returns_tuple):
+            kl = evaluate_windows(model, windows, reference, batch, progress=False)["kld"]
+        summed = sum(errors[n][j] for n in roles[role])
+        per_width.setdefault(role, {})[bits] = kl / summed if summed > 0 else 0.0
     # a width the role cannot hold scales errors that are inf anyway: 1.0 keeps them inf (not NaN)
-    scale = {role: [row.get(f.bits, 1.0) for f in candidates] for role, row in per_width.items()}
+    scale = {role: [per_width.get(role, {}).get(f.bits, 1.0) for f in candidates] for role in roles}
     logger.info("KL per unit of relative error, by role and bit width: %s", per_width)
     return scale
+
+
+class _RoundingError:
+    """Observer: a linear's round-to-nearest relative output error per candidate, |X dWᵀ|² /
+    |X Wᵀ|² summed over the batches it sees."""
+
+    def __init__(self, module: nn.Module, candidates: dict[int, Format]) -> None:
+        self.module, self.candidates = module, candidates
+        self.error = dict.fromkeys(candidates, 0.0)
+        self.energy = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        w = linear_weight(self.module).detach().float()
+        x = x.float().reshape(-1, w.shape[1])
+        self.energy += float((x @ w.t()).pow(2).sum())
+        for j, fmt in self.candidates.items():
+            self.error[j] += float((x @ (fmt.quantize_tensor(w).dequantize() - w).t()).pow(2).sum())
+
+    def relative(self, j: int) -> float:
+        return self.error[j] / max(self.energy, 1e-30)
+
+
+class _RoleProbePass:
+    """Walker client: the float model's stream, and beside it one stream per (role, bit width)
+    in which that role's linears are moved toward the width's grid (as far as `errors` says GPTQ
+    left them). Each block is read once and runs once per stream, so the probe never holds
+    more than one float block; the streams' last outputs are scored afterwards (`replayed`)."""
+
+    desc = "KL probe"
+    outputs_hint = "; the float model overflows on this data: compute in float32"
+    releases_blocks = True
+
+    def __init__(self, roles, errors, candidates, probed: list[int], streams: list[tuple[str, int, int]]) -> None:
+        self.roles, self.errors, self.candidates, self.probed = roles, errors, candidates, probed
+        self.stream_keys = streams
+        self.streams: list[list[torch.Tensor] | None] = [None] * len(streams)
+        self.returns_tuple = False
+
+    def process(self, block: Block) -> list[torch.Tensor]:
+        inside = {role: [n for n in names if n.startswith(block.prefix)] for role, names in self.roles.items()}
+        modules = {n: block.module.get_submodule(n[len(block.prefix) :]) for names in inside.values() for n in names}
+        observers = {
+            n[len(block.prefix) :]: _RoundingError(modules[n], {j: self.candidates[j] for j in self.probed})
+            for n in modules
+        }
+        outputs = block.run(observers)  # the float stream: the next inputs, and the rounding errors
+        for k, (role, _bits, j) in enumerate(self.stream_keys):
+            names = inside[role]
+            rtn = {n: observers[n[len(block.prefix) :]].relative(j) for n in names}
+            shrink = {n: (self.errors[n][j] / rtn[n]) ** 0.5 if rtn[n] > 0 else 0.0 for n in names}
+            stream = block.inputs if self.streams[k] is None else self.streams[k]
+            with _swapped({n: linear_weight(modules[n]) for n in names}, self.candidates[j], True, shrink):
+                self.streams[k] = block.outputs_for(stream)
+        self.returns_tuple = block.calls.returns_tuple
+        return outputs
+
+    def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict, finished: list) -> None:
+        pass
 
 
 def _probe(model, linears, tables, candidates, windows, reference, progress) -> TableProbe:

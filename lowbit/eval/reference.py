@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,15 +187,24 @@ class _Replay(StandIn):
 
 def _forward_by_blocks(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool, device) -> None:
     adapter = get_adapter(model.config.model_type)
-    blocks = decoder_blocks(model, adapter)
-    client = _FloatForward(len(blocks) - 1)
+    client = _FloatForward(len(decoder_blocks(model, adapter)) - 1)
     walk(model, adapter, windows, client, batch_size, progress=progress, device=device)
+    with replayed(model, client.outputs, client.returns_tuple):
+        for start in range(0, len(windows), batch_size):
+            model(windows[start : start + batch_size], use_cache=False)
+
+
+@contextmanager
+def replayed(model: nn.Module, outputs: list[torch.Tensor], returns_tuple: bool) -> Iterator[None]:
+    """The model with its decoder blocks standing in for themselves: a forward on batch b (in
+    order) costs the embedding, the final norm and the head, with `outputs[b]` as what the last
+    block returned. For a walk that ran the blocks already."""
+    blocks = decoder_blocks(model, get_adapter(model.config.model_type))
     originals = list(blocks)
     try:
         for i in range(len(blocks)):
-            blocks[i] = _Replay(originals[i], client.outputs if i == 0 else None, client.returns_tuple)
-        for start in range(0, len(windows), batch_size):
-            model(windows[start : start + batch_size], use_cache=False)
+            blocks[i] = _Replay(originals[i], outputs if i == 0 else None, returns_tuple)
+        yield
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
