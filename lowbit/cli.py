@@ -136,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--weighting",
-        default="relative",
-        help="budget runs: how layer errors are compared across layers and depths: relative (default: each "
-        "layer's error as a fraction of its own output energy); kl (relative, times the KL per unit of error "
-        "that probes measure per layer role and bit width: a few minutes more, once per measurement file); "
+        default="kl",
+        help="budget runs: how layer errors are compared across layers and depths: kl (default: each layer's "
+        "error as a fraction of its own output energy, times the KL per unit of error that probes measure per "
+        "layer role and bit width; the probe runs once per measurement file); relative (without the probe); "
         "stream or raw (see README and BENCHMARKS.md)",
     )
     q.add_argument(

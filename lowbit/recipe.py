@@ -130,7 +130,7 @@ class Budget:
     size_bytes: int | None = None
     candidates: tuple[Format, ...] = field(default_factory=default_candidates)
     allocator: str = "upgrade"
-    weighting: str = "relative"
+    weighting: str = "kl"
     refine_seconds: float = 0.0  # > 0: then search plans by measured KL for this long (allocate.evolve)
     refine_windows: int = 4
 
@@ -231,7 +231,7 @@ class Recipe:
         size_bytes: int | None = None,
         candidates: str | list[Format] | tuple[Format, ...] | None = None,
         allocator: str = "upgrade",
-        weighting: str = "relative",
+        weighting: str = "kl",
         refine_seconds: float = 0.0,
         refine_windows: int = 4,
         keep: str | list[KeepRule] | tuple[KeepRule, ...] | None = None,
