@@ -72,6 +72,15 @@ def _add_eval_options(p: argparse.ArgumentParser, legacy: str) -> None:
     p.add_argument("--batch-size", dest="eval_batch_size", type=int, help=argparse.SUPPRESS)
 
 
+def _add_offload_option(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument(
+        "--offload-activations",
+        choices=("cpu", "disk"),
+        help="keep the activations between decoder blocks in CPU memory (cpu) or in memory-mapped files "
+        f"{where} (disk) instead of on the compute device; same result, for many or long windows",
+    )
+
+
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
     from lowbit.devices import DEVICE_CHOICES, DTYPE_CHOICES
 
@@ -239,12 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read each decoder block from the checkpoint only when it is quantized, so the float model need "
         "not fit in memory (default on; --no-lazy loads the whole model first)",
     )
-    q.add_argument(
-        "--offload-activations",
-        choices=("cpu", "disk"),
-        help="keep the calibration activations between blocks in CPU memory (cpu) or in memory-mapped files "
-        "beside --out (disk) instead of on the compute device; same result, for many or long windows",
-    )
+    _add_offload_option(q, "beside --out")
     _add_compute_options(q)
     _add_eval_options(q, legacy="quantize")
 
@@ -261,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch (default): lowbit's own runtime; llama.cpp: score a .gguf file with llama.cpp itself "
         "(through xllamacpp; the reference defaults to the model lowbit exported it from)",
     )
+    _add_offload_option(e, "under the cache directory (the reference, computed block by block)")
     _add_compute_options(e)
     _add_eval_options(e, legacy="eval")
 
@@ -453,6 +458,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=settings.batch_size,
         device=device,
         dtype=dtype,
+        offload_activations=args.offload_activations,
     )
     if args.engine == "llama.cpp":
         model.close()

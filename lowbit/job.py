@@ -93,8 +93,7 @@ def quantize_to_artifact(
     the calibration activations between blocks in CPU memory or in memory-mapped files beside
     `out`, not on the device."""
     check_output_dir(out, overwrite)
-    if offload_activations is not None:
-        Offload(offload_activations)  # a wrong name is refused before the model loads
+    offload = None if offload_activations is None else Offload(offload_activations)  # refused before loading
     compute = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, compute)
     work = resume_dir(out)
@@ -117,8 +116,10 @@ def quantize_to_artifact(
     if evaluation is not None:  # the float model's predictions, before it is quantized in place
         windows = evaluation.windows(loaded.tokenizer)
         fingerprint = reference_key(loaded.source.fingerprint(), compute_dtype)  # a bf16 reference is another
+        if offload is not None:
+            offload = Offload(offload.where, work / "activations").check()
         reference = cached_reference(
-            fingerprint, windows, lambda: loaded.model, evaluation.batch_size, progress, device=compute
+            fingerprint, windows, lambda: loaded.model, evaluation.batch_size, progress, compute, offload
         )
     quantized = quantize(
         loaded.model,

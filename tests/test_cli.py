@@ -52,9 +52,12 @@ def test_quantize_eval_inspect_end_to_end(capsys, tmp_path, tiny_model_dir, text
         "8",
         "--seqlen",
         "64",
+        "--offload-activations",  # the reference's and GPTQ's activations in files beside --out
+        "disk",
         "--json",
     )
     assert code == 0
+    assert not (tmp_path / ".q.lowbit-resume").exists()  # nothing left beside the artifact
     summary = json.loads(stdout)
     assert summary["bits_per_weight"] == pytest.approx(4 + 2 * 20 / 64, rel=0.05)
     ev = summary["evaluation"]

@@ -295,6 +295,9 @@ def test_every_family_loads_lazily_and_its_reference_is_computed_block_by_block_
     a = build_reference(eager, WINDOWS, batch_size=4, progress=False)
     b = build_reference(lazy, WINDOWS, batch_size=4, progress=False)
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.head_weight, b.head_weight)
+    # the activations between blocks in memory-mapped files: the same reference
+    c = build_reference(lazy, WINDOWS, batch_size=4, progress=False, offload=Offload("disk", tmp_path).check())
+    assert torch.equal(a.hidden, c.hidden)
     assert all(p.is_meta for p in decoder_blocks(lazy, get_adapter(lazy.config.model_type)).parameters())
     lazy_weights(lazy).load(lazy)
     sa, sb = eager.state_dict(), lazy.state_dict()

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.activations import Offload
 from lowbit.data import QUICK_WINDOWS, eval_windows, load_text, tokenize
 from lowbit.devices import resolve_device
 from lowbit.errors import LowbitError
-from lowbit.eval.reference import ReferenceCache, build_reference, cached_reference, reference_key
+from lowbit.eval.reference import ReferenceCache, build_reference, cache_dir, cached_reference, reference_key
 from lowbit.models import load_model, resolve_model_source
 
 PROTOCOLS = {"quick": QUICK_WINDOWS, "full": None}
@@ -139,18 +140,24 @@ def evaluate(
     progress: bool = True,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    offload_activations: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on `data` windows (quick: first 64; full: all).
 
     `reference` may be a float model, a ReferenceCache, or a model spec whose
     predictions are cached on disk (LOWBIT_CACHE_DIR) for later evaluations; a spec's model is
-    read block by block (models/lazy.py), so it need not fit in memory. With `device`, both
-    run there (the model moves for the evaluation and back).
+    read block by block (models/lazy.py), so it need not fit in memory, with the activations
+    between its blocks in CPU memory or in files under the cache directory when
+    `offload_activations` is "cpu" or "disk". With `device`, both run there (the model moves
+    for the evaluation and back).
     """
     settings = EvalSettings(data, protocol, seqlen, batch_size)
     compute = None if device is None else resolve_device(device)
+    offload = None
+    if offload_activations is not None:
+        offload = Offload(offload_activations, cache_dir() / "activations").check()
     windows = settings.windows(tokenizer)
-    ref = resolve_reference(reference, windows, batch_size, progress, compute, dtype)
+    ref = resolve_reference(reference, windows, batch_size, progress, compute, dtype, offload)
     if compute is None:
         return evaluate_against(model, windows, ref, settings, progress)
     home = _device_of(model)
@@ -198,13 +205,14 @@ def resolve_reference(
     progress: bool = True,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    offload: Offload | None = None,
 ) -> ReferenceCache | None:
     """The reference's predictions on `windows`: a model's computed, a spec's from the cache or
     computed block by block (the spec loaded lazily, in `dtype`, on `device`)."""
     if reference is None or isinstance(reference, ReferenceCache):
         return reference
     if isinstance(reference, nn.Module):
-        return build_reference(reference, windows, batch_size, progress, device)
+        return build_reference(reference, windows, batch_size, progress, device, offload)
     source = resolve_model_source(reference)
     return cached_reference(
         reference_key(source.fingerprint(), dtype),
@@ -213,4 +221,5 @@ def resolve_reference(
         batch_size,
         progress,
         device,
+        offload,
     )

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.activations import Offload
 from lowbit.models.adapters import decoder_blocks, get_adapter
 from lowbit.models.lazy import lazy_weights
 from lowbit.walker import Block, StandIn, walk
@@ -83,16 +84,18 @@ def build_reference(
     batch_size: int = 4,
     progress: bool = True,
     device: torch.device | None = None,
+    offload: Offload | None = None,
 ) -> ReferenceCache:
     """Run the reference model once over `windows`, keeping the output head's inputs. A lazy
     model (one whose blocks are on disk) runs block by block over all windows, one float block
-    in memory at a time; with `device`, the blocks (or the whole model) compute there."""
+    in memory at a time, its activations between blocks where `offload` says (activations.py);
+    with `device`, the blocks (or the whole model) compute there."""
     head = model.get_output_embeddings()
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, args, _o: captured.append(args[0].detach().float().cpu()))
     try:
         if lazy_weights(model) is not None:
-            _forward_by_blocks(model, windows, batch_size, progress, device)
+            _forward_by_blocks(model, windows, batch_size, progress, device, offload)
         else:
             home = next(model.parameters()).device
             model.to(device or home)
@@ -125,6 +128,7 @@ def cached_reference(
     batch_size: int = 4,
     progress: bool = True,
     device: torch.device | None = None,
+    offload: Offload | None = None,
 ) -> ReferenceCache:
     """The reference for these windows from the disk cache, computing it on a miss (on `device`)."""
     path = reference_cache_path(fingerprint, windows)
@@ -135,7 +139,7 @@ def cached_reference(
                 return ref
         except Exception:  # a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
-    ref = build_reference(load_model_fn(), windows, batch_size, progress, device)
+    ref = build_reference(load_model_fn(), windows, batch_size, progress, device, offload)
     ref.save(path, {"fingerprint": fingerprint, "windows": len(windows)})
     return ref
 
@@ -185,10 +189,12 @@ class _Replay(StandIn):
         return (hidden,) if self.returns_tuple else hidden
 
 
-def _forward_by_blocks(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool, device) -> None:
+def _forward_by_blocks(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool, device, offload: Offload | None
+) -> None:
     adapter = get_adapter(model.config.model_type)
     client = _FloatForward(len(decoder_blocks(model, adapter)) - 1)
-    walk(model, adapter, windows, client, batch_size, progress=progress, device=device)
+    walk(model, adapter, windows, client, batch_size, progress=progress, device=device, offload=offload)
     with replayed(model, client.outputs, client.returns_tuple):
         for start in range(0, len(windows), batch_size):
             model(windows[start : start + batch_size], use_cache=False)
