@@ -144,11 +144,10 @@ def probe_roles(
             k = widths[role].get(fmt.bits)
             if k is None or fmt.group_size > candidates[k].group_size:
                 widths[role][fmt.bits] = j
-    probed = sorted({j for row in widths.values() for j in row.values()})
     streams = [(role, bits, j) for role, row in widths.items() for bits, j in row.items()]
     batch = len(windows)  # one batch: each layer is rounded once per candidate
     reference = build_reference(model, windows, batch, progress=False)  # block by block when lazy
-    client = _RoleProbePass(roles, errors, candidates, probed, streams)
+    client = _RoleProbePass(roles, errors, candidates, streams)
     walk(model, get_adapter(model.config.model_type), windows, client, batch, progress=progress)
     per_width: dict[str, dict[int, float]] = {}
     for k, (role, bits, j) in enumerate(streams):
@@ -192,8 +191,9 @@ class _RoleProbePass:
     outputs_hint = "; the float model overflows on this data: compute in float32"
     releases_blocks = True
 
-    def __init__(self, roles, errors, candidates, probed: list[int], streams: list[tuple[str, int, int]]) -> None:
-        self.roles, self.errors, self.candidates, self.probed = roles, errors, candidates, probed
+    def __init__(self, roles, errors, candidates, streams: list[tuple[str, int, int]]) -> None:
+        self.roles, self.errors, self.candidates = roles, errors, candidates
+        self.probed = {role: [j for r, _bits, j in streams if r == role] for role in roles}
         self.stream_keys = streams
         self.streams: list[list[torch.Tensor] | None] = [None] * len(streams)
         self.returns_tuple = False
@@ -201,9 +201,10 @@ class _RoleProbePass:
     def process(self, block: Block) -> list[torch.Tensor]:
         inside = {role: [n for n in names if n.startswith(block.prefix)] for role, names in self.roles.items()}
         modules = {n: block.module.get_submodule(n[len(block.prefix) :]) for names in inside.values() for n in names}
-        observers = {
-            n[len(block.prefix) :]: _RoundingError(modules[n], {j: self.candidates[j] for j in self.probed})
-            for n in modules
+        observers = {  # each linear rounded to the widths its role is probed at (which its rows hold)
+            n[len(block.prefix) :]: _RoundingError(modules[n], {j: self.candidates[j] for j in self.probed[role]})
+            for role, names in inside.items()
+            for n in names
         }
         outputs = block.run(observers)  # the float stream: the next inputs, and the rounding errors
         for k, (role, _bits, j) in enumerate(self.stream_keys):
