@@ -125,8 +125,9 @@ def probe_roles(
     """Per layer role and candidate: KL per unit of measured relative error (`errors`: layer ->
     per candidate, as the measurement pass found them with GPTQ).
 
-    One forward per role and bit width (the candidate with the largest groups stands for its
-    width): every linear of the role gets its round-to-nearest error, scaled down to the size
+    One perturbed model per role and bit width (the candidate with the largest groups stands
+    for its width), all carried through one walk over the blocks beside the float model
+    (`_RoleProbePass`): every linear of the role gets its round-to-nearest error, scaled down to the size
     of its measured error, so the probe perturbs the model as much as that width's solutions
     will. Round-to-nearest at 2 bits is far worse than GPTQ's (smollm2: KLD 9.6 against 1.8)
     and would measure KL in a regime no plan reaches."""
