@@ -76,7 +76,7 @@ class Measurements:
     def weighted_errors(self, name: str, weighting: str = "relative") -> list[float]:
         """A layer's candidate errors on a scale comparable across layers and depths.
 
-        raw: tr(dW H dWᵀ), the layer's own output error; relative (default): divided by
+        raw: tr(dW H dWᵀ), the layer's own output error; relative (this method's default; budgets use kl): divided by
         tr(W H Wᵀ), the error as a fraction of the layer's output energy; stream: divided
         by the median squared norm of the residual stream entering the layer's block.
         On smollm2-135m at 2.5-3.5 bpw, knapsack plans under `relative` had 25-35 % lower
