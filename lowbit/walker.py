@@ -380,6 +380,19 @@ class Checkpoint:
 # the walk
 
 
+class Unresumable:
+    """For clients whose walks are short and keep nothing to resume from (a float forward, a probe)."""
+
+    def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any], finished: list) -> None:
+        pass
+
+
 class BlockClient(Protocol):
     """What a pass over the blocks does with each of them."""
 

@@ -50,7 +50,7 @@ from lowbit.models.adapters import get_adapter, linear_weight
 from lowbit.models.lazy import lazy_weights, load_rest, release_blocks
 from lowbit.tables import Table, quantize_weight
 from lowbit.targets import fits
-from lowbit.walker import Block, walk
+from lowbit.walker import Block, Unresumable, walk
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class _RoundingError:
         return self.error[j] / max(self.energy, 1e-30)
 
 
-class _RoleProbePass:
+class _RoleProbePass(Unresumable):
     """Walker client: the float model's stream, and beside it one stream per (role, bit width)
     in which that role's linears are moved toward the width's grid (as far as `errors` says GPTQ
     left them). Each block is read once and runs once per stream, so the probe never holds
@@ -217,15 +217,6 @@ class _RoleProbePass:
                 self.streams[k] = block.outputs_for(stream)
         self.returns_tuple = block.calls.returns_tuple
         return outputs
-
-    def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
-        return {}
-
-    def state(self) -> dict:
-        return {}
-
-    def restore(self, state: dict, finished: list) -> None:
-        pass
 
 
 def _probe(model, linears, tables, candidates, windows, reference, progress) -> TableProbe:

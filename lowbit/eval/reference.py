@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lowbit.activations import Offload
 from lowbit.models.adapters import decoder_blocks, get_adapter
 from lowbit.models.lazy import lazy_weights
-from lowbit.walker import Block, StandIn, walk
+from lowbit.walker import Block, StandIn, Unresumable, walk
 
 
 def cache_dir() -> Path:
@@ -144,7 +144,7 @@ def cached_reference(
     return ref
 
 
-class _FloatForward:
+class _FloatForward(Unresumable):
     """Walker client: the float blocks' outputs, nothing changed; keeps the last block's."""
 
     desc = "reference model (block by block)"
@@ -161,15 +161,6 @@ class _FloatForward:
         if block.index == self.last:
             self.outputs, self.returns_tuple = outputs, block.calls.returns_tuple
         return outputs
-
-    def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
-        return {}
-
-    def state(self) -> dict:
-        return {}
-
-    def restore(self, state: dict, finished: list) -> None:
-        pass
 
 
 class _Replay(StandIn):
