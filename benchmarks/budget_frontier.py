@@ -6,9 +6,12 @@ Every run is the CLI in its own process (budget_e2e.run: `lowbit quantize ... --
 --json`, the budget runs sharing one measurement file in WORK). A run is named by a spec:
 
     u:BITS:GROUP            the uniform format, GPTQ
-    b:BPW[:WEIGHTING[:ALLOCATOR]]   a bit budget (default weighting relative, allocator upgrade)
+    b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]   a bit budget (default weighting relative, allocator
+                            upgrade, the allocator's default --trust)
 
-A finished run's JSON in WORK is reused. The results file gets one row per run, each budget row
+A finished run's JSON in WORK is reused. The results file is extended (a row per run name, the
+latest replacing an earlier one, each with its date; every command kept) and rewritten after every
+run; `--fresh` starts a new one. It gets one row per run, each budget row
 with the uniform frontier interpolated at its bpw (the straight line between the two uniform
 runs around it) and the best uniform run at or below it; the plot (KLD against bpw, uniform
 points joined, one line per weighting/allocator) is written next to it.
@@ -23,11 +26,14 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget_e2e import row, run  # noqa: E402
+
+from lowbit.formats import format_from_dict  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "budget_frontier.json"
 
@@ -37,12 +43,16 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
     kind, *rest = spec.split(":")
     if kind == "u" and len(rest) == 2:
         return f"u-int{rest[0]}g{rest[1]}", ["--bits", rest[0], "--group-size", rest[1]]
-    if kind == "b" and 1 <= len(rest) <= 3:
+    if kind == "b" and 1 <= len(rest) <= 4:
         weighting = rest[1] if len(rest) > 1 else "relative"
         allocator = rest[2] if len(rest) > 2 else "upgrade"
         name = f"b{rest[0]}-{weighting}-{allocator}"
-        return name, ["--bits", rest[0], "--weighting", weighting, "--allocator", allocator]
-    raise SystemExit(f"bad run spec {spec!r}: use u:BITS:GROUP or b:BPW[:WEIGHTING[:ALLOCATOR]]")
+        args = ["--bits", rest[0], "--weighting", weighting, "--allocator", allocator]
+        if len(rest) > 3:
+            name += f"-t{rest[3]}"
+            args += ["--trust", rest[3]]
+        return name, args
+    raise SystemExit(f"bad run spec {spec!r}: use u:BITS:GROUP or b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]")
 
 
 def frontier(uniform: list[dict], bpw: float) -> tuple[float | None, dict | None]:
@@ -82,15 +92,60 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def _frontier_columns(rows: list[dict]) -> None:
+    uniform = [x for x in rows if x["kind"] == "uniform"]
+    for x in rows:
+        if x["kind"] == "budget":
+            line, best = frontier(uniform, x["bpw"])
+            x["frontier_kld"] = line
+            x["best_uniform_below"] = None if best is None else {"run": best["run"], "kld": best["kld"]}
+
+
+def write(path: Path, rows: list[dict], commands: list[str]) -> None:
+    """The results file and its plot, rewritten after every run so a cut-off sweep keeps what it did."""
+    _frontier_columns(rows)
+    record = {
+        "commands": commands,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "model": "smollm2-135m",
+        "protocol": "quick",
+        "runs": sorted(rows, key=lambda x: (x["kind"] != "uniform", x["bpw"])),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    plot(rows, path.with_suffix(".png"))
+
+
+def earlier(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows and commands already in a results file: a sweep extends it run by run. Rows written
+    before rows carried a date get the file's."""
+    if not path.is_file():
+        return [], []
+    old = json.loads(path.read_text())
+    commands = old.get("commands") or [f"{old['date']}: {old['command']}"]
+    for x in old["runs"]:
+        x.setdefault("date", old.get("date"))
+    return old["runs"], commands
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="artifacts, logs and the measurement file")
     ap.add_argument("--runs", nargs="+", required=True, help="run specs (see above), run in this order")
     ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")), help="the lowbit command")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--fresh", action="store_true", help="start a new results file instead of extending it")
+    ap.add_argument("--uniform-from", type=Path, help="start from the uniform rows of another results file")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, commands = ([], []) if args.fresh else earlier(args.results)
+    if args.uniform_from:
+        more, their = earlier(args.uniform_from)
+        taken = {x["run"] for x in rows}
+        rows += [x for x in more if x["kind"] == "uniform" and x["run"] not in taken]
+        commands += [f"(uniform rows of {args.uniform_from.name}) {c}" for c in their]
+    today = datetime.date.today().isoformat()
+    commands.append(f"{today}: {shlex.join(sys.argv)}")
     for spec in args.runs:
         name, cli = spec_args(spec)
         r = run(args.work, name, cli, args.lowbit)
@@ -99,34 +154,21 @@ def main() -> None:
         x = row(name, r)
         budget = r.get("budget") or {}
         x["kind"] = "uniform" if spec.startswith("u:") else "budget"
+        x["date"] = today
         if x["kind"] == "budget":
             x["label"] = f"{budget.get('weighting')}/{budget.get('allocator')}"
             x["formats"] = budget.get("formats")
-        rows.append(x)
-    uniform = [x for x in rows if x["kind"] == "uniform"]
-    for x in rows:
-        if x["kind"] == "budget":
-            line, best = frontier(uniform, x["bpw"])
-            x["frontier_kld"] = line
-            x["best_uniform_below"] = None if best is None else {"run": best["run"], "kld": best["kld"]}
-    record = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "model": "smollm2-135m",
-        "protocol": "quick",
-        "runs": rows,
-    }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(record, indent=1))
-    plot(rows, args.results.with_suffix(".png"))
-    print("| run | bpw | KLD | frontier KLD | vs frontier | best uniform below | top-1 | plan s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for x in rows:
+            x["trust"] = budget.get("trust", 1.0)  # runs before --trust existed: 1
+            x["candidates"] = [format_from_dict(c).name for c in budget.get("candidates") or []]
+        rows = [y for y in rows if y["run"] != name] + [x]
+        write(args.results, rows, commands)
+    print("| run | date | bpw | KLD | frontier KLD | vs frontier | best uniform below | top-1 | plan s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for x in json.loads(args.results.read_text())["runs"] if args.results.is_file() else []:
         line = x.get("frontier_kld")
         vs = "" if not line else f"{(x['kld'] / line - 1) * 100:+.0f} %"
         best = x.get("best_uniform_below")
-        cells = [x["run"], f"{x['bpw']:.4f}", f"{x['kld']:.4f}", "" if line is None else f"{line:.4f}", vs]
+        cells = [x["run"], x["date"], f"{x['bpw']:.4f}", f"{x['kld']:.4f}", "" if line is None else f"{line:.4f}", vs]
         cells += ["" if not best else f"{best['run']} {best['kld']:.4f}", f"{x['top1']:.4f}"]
         cells += ["" if x.get("planning_s") is None else f"{x['planning_s']:.1f}"]
         print("| " + " | ".join(cells) + " |")

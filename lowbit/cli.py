@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stream or raw (see README and BENCHMARKS.md)",
     )
     q.add_argument(
+        "--trust",
+        type=float,
+        metavar="R",
+        help="budget runs, upgrade allocator: a layer may take a cheaper candidate whose measured error is at "
+        "most R times its error under the uniform base, to pay for another layer's better one (default 1.0; "
+        "1: no layer worse than under the base)",
+    )
+    q.add_argument(
         "--refine",
         type=float,
         default=0.0,
@@ -329,6 +337,7 @@ def recipe_from_args(args: argparse.Namespace):
         size_bytes=size,
         allocator=args.allocator,
         weighting=args.weighting,
+        **({} if args.trust is None else {"trust": args.trust}),
         refine_seconds=args.refine,
         refine_windows=args.refine_windows,
         keep=args.keep,

@@ -25,11 +25,17 @@ ALLOCATORS = ("upgrade", "knapsack", "baq")
 DEFAULT_GROUP = 128  # without a target; a target's own block size with one
 WEIGHTINGS = ("relative", "stream", "raw", "kl")
 BUDGET_BPW_RANGE = (2.0, 8.0)
+UPGRADE_TRUST = 1.0  # allocate.planner.upgrade_choice
+
+
+DEFAULT_GRIDS = tuple((b, g) for b in (2, 3, 4, 5, 6) for g in (32, 64, 128)) + ((3, 256), (4, 256), (8, 128))
 
 
 def default_candidates(symmetric: bool = False, scale_dtype: str = "float16") -> tuple[Format, ...]:
-    """Integer grids at 2, 3, 4, 5, 6 and 8 bits, each with groups of 32, 64 and 128."""
-    return tuple(IntFormat(b, g, symmetric, scale_dtype) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
+    """Integer grids at 2-6 bits with groups of 32, 64 and 128, int8 g128, and groups of 256 at 3 and
+    4 bits: a plan at int3 g128's or int4 g128's own size can free bits by coarsening a layer's
+    groups, a far smaller step than a bit less (issue 16)."""
+    return tuple(IntFormat(b, g, symmetric, scale_dtype) for b, g in DEFAULT_GRIDS)
 
 
 def _candidates(target, symmetric: bool, scale_dtype: str) -> tuple[Format, ...]:
@@ -131,6 +137,7 @@ class Budget:
     candidates: tuple[Format, ...] = field(default_factory=default_candidates)
     allocator: str = "upgrade"
     weighting: str = "kl"
+    trust: float = UPGRADE_TRUST  # upgrade: how much worse than under the uniform base a layer may get
     refine_seconds: float = 0.0  # > 0: then search plans by measured KL for this long (allocate.evolve)
     refine_windows: int = 4
 
@@ -150,6 +157,7 @@ class Budget:
             raise BudgetError(f"unknown allocator {self.allocator!r}; use one of {', '.join(ALLOCATORS)}")
         if self.weighting not in WEIGHTINGS:
             raise LowbitError(f"unknown error weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        _finite(self.trust, "the upgrade allocator's trust (--trust)", 1.0, 100.0, "--trust 1.5")
         _finite(self.refine_seconds, "the refinement time (--refine, seconds)", 0.0, 1e9, "--refine 300")
         _positive_int(self.refine_windows, "the refinement windows (--refine-windows)")
 
@@ -232,6 +240,7 @@ class Recipe:
         candidates: str | list[Format] | tuple[Format, ...] | None = None,
         allocator: str = "upgrade",
         weighting: str = "kl",
+        trust: float = UPGRADE_TRUST,
         refine_seconds: float = 0.0,
         refine_windows: int = 4,
         keep: str | list[KeepRule] | tuple[KeepRule, ...] | None = None,
@@ -281,6 +290,7 @@ class Recipe:
                 candidates=tuple(candidates) if candidates else _candidates(tgt, symmetric, scale_dtype),
                 allocator=allocator,
                 weighting=weighting,
+                trust=trust,
                 refine_seconds=refine_seconds,
                 refine_windows=refine_windows,
             )

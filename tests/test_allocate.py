@@ -115,6 +115,22 @@ def test_upgrade_never_trades_a_table_below_the_uniform_base_but_may_keep_it_in_
     assert upgrade_choice(costs, errors, 28, extra=extra) == [2, 2, 0]
 
 
+def test_upgrade_trust_lets_layers_step_down_a_little_to_pay_for_another_step_up():
+    from lowbit.allocate.planner import upgrade_choice
+
+    # candidates: 0 coarse 3-bit (cost 9), 1 3-bit (cost 10), 2 4-bit (cost 13), 3 2-bit (cost 7)
+    costs = [[9, 10, 13, 7]] * 4
+    errors = [[1.2, 1.0, 0.3, 4.0], [1.3, 1.0, 0.3, 4.0], [1.1, 1.0, 0.3, 4.0], [1.25, 1.0, 0.2, 4.0]]
+    budget = 40  # exactly the 3-bit grid everywhere
+    # trust 1: no layer may get worse than under the base, so at its own size the plan is the base
+    assert upgrade_choice(costs, errors, budget) == [1, 1, 1, 1]
+    # trust 1.25: layer 1 may not coarsen (1.3 > 1.25), so it is the one lifted to 4 bits (-0.7), paid
+    # by the other three coarsening (+0.2, +0.1, +0.25); the 2-bit grid (4x the error) stays out of reach
+    assert upgrade_choice(costs, errors, budget, trust=1.25) == [0, 2, 0, 0]
+    # a free knapsack would use the 2-bit grid; the trust region never does, however large the gain
+    assert 3 not in upgrade_choice(costs, errors, budget, trust=3.9)
+
+
 @pytest.mark.parametrize("allocator", ["knapsack", "upgrade", "baq"])
 def test_a_candidate_some_layers_cannot_hold_is_a_choice_for_the_others_only(allocator):
     """Candidate 2 (a k-quant, say) is unmeasured (None) on two of three layers: no allocator

@@ -153,6 +153,8 @@ BAD_INPUTS = [
     (["--bits", "4", "--scale-dtype", "int8"], r"scale dtype 'int8' is not supported"),
     (["--bits", "3.5", "--allocator", "greedy"], r"unknown allocator 'greedy'; use one of upgrade, knapsack, baq"),
     (["--bits", "3.5", "--weighting", "depth"], r"unknown error weighting 'depth'"),
+    (["--bits", "3.5", "--trust", "0.5"], r"the upgrade allocator's trust \(--trust\) must be a number from 1 to 100"),
+    (["--bits", "3.5", "--trust", "nan"], r"the upgrade allocator's trust \(--trust\) must be a number from 1 to 100"),
     (["--bits", "4", "--nsamples", "many"], r"argument --nsamples: invalid int value: 'many'; see lowbit quantize"),
 ]
 
@@ -180,6 +182,7 @@ def test_bpw_and_bits_with_a_decimal_point_are_one_budget_and_seqlen_spellings_a
     a, b = recipe("--bits", "3.25"), recipe("--bpw", "3.25")
     assert a.budget == b.budget and a.budget.bpw == 3.25 and a.format is None is b.format
     assert recipe("--bpw", "4").budget.bpw == 4.0  # --bpw is always a budget
+    assert recipe("--bits", "3.5", "--trust", "1.4").budget.trust == 1.4
     assert recipe("--bits", "4").format.bits == 4 and recipe("--bits", "4").budget is None
     old, new = recipe("--bits", "4", "--seqlen", "256"), recipe("--bits", "4", "--calib-seqlen", "256")
     assert old.calibration.seqlen == new.calibration.seqlen == 256

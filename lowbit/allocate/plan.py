@@ -30,7 +30,7 @@ from lowbit.errors import FormatError, LowbitError
 from lowbit.formats import Format, format_from_dict
 from lowbit.keep import KeepRule, apply_rules
 from lowbit.models.adapters import ArchAdapter, decoder_blocks, linear_weight, quantizable_linears
-from lowbit.recipe import Recipe
+from lowbit.recipe import Budget, Recipe
 from lowbit.tables import Table, find_tables
 from lowbit.targets import Target, fits, target_named
 
@@ -227,12 +227,13 @@ def allocate(
             reserved_numel=sum(numel[n] for n in fixed),
             weighting=budget.weighting,
             tied=targets.tied,
+            trust=budget.trust,
         )
     else:  # pinned layers are in size.fixed_bytes already; the free linears share what is left
         linear_bits = size.linear_bits
         if size.tables:
             table_choice, table_probe = _choose_tables(
-                model, measurements, free, size, cands, windows, budget.allocator, budget.weighting, progress
+                model, measurements, free, size, cands, windows, budget, progress
             )
             linear_bits -= sum(size.table_costs[n][j] for n, j in table_choice.items())
         bpw = linear_bits / sum(numel[n] for n in free)
@@ -245,6 +246,7 @@ def allocate(
             costs=size.costs,
             budget_bits=linear_bits,
             tied=targets.tied,
+            trust=budget.trust,
         )
     planning_seconds = time.perf_counter() - t0
     refinement = None
@@ -270,6 +272,7 @@ def allocate(
         "candidates_dropped": dict(targets.dropped),
         "planning_seconds": planning_seconds,
         "weighting": budget.weighting,
+        "trust": budget.trust,
         "refinement": refinement.to_dict() if refinement is not None else None,
     }
     return Plan(plan.formats, record)
@@ -282,8 +285,7 @@ def _choose_tables(
     size: SizeBudget,
     cands,
     windows,
-    allocator: str,
-    weighting: str,
+    budget: Budget,
     progress: bool,
 ) -> tuple[dict[str, int], dict]:
     """Float (0) or a candidate (1 + its index) for the embedding and head: one knapsack over
@@ -295,6 +297,7 @@ def _choose_tables(
     Under the `kl` weighting the linears' errors are KL already and a table's is its KL.
     Returns the choice and the probe's account."""
     names = list(size.table_costs)
+    allocator, weighting = budget.allocator, budget.weighting
     costs = [size.costs[n] for n in free] + [size.table_costs[n] for n in names]
     kl = weighting == "kl"
     errors = [meas.weighted_errors(n, weighting if kl else "relative") for n in free]
@@ -304,7 +307,8 @@ def _choose_tables(
         held = zip(scored, size.table_costs[t.name][1:], strict=True)
         errors.append([0.0, *(math.inf if e is None or c is None else e for e, c in held)])
     if allocator == "upgrade":
-        picks = upgrade_choice(costs, errors, size.linear_bits, extra=[0] * len(free) + [1] * len(names))
+        extra = [0] * len(free) + [1] * len(names)
+        picks = upgrade_choice(costs, errors, size.linear_bits, extra=extra, trust=budget.trust)
     else:
         picks = held_solve(solve_mckp, costs, errors, size.linear_bits)
     return dict(zip(names, picks[len(free) :], strict=True)), probe.to_dict()

@@ -76,6 +76,7 @@ def plan_for_budget(
     costs: dict[str, list[int]] | None = None,
     budget_bits: int | None = None,
     tied: list[tuple[str, ...]] | None = None,
+    trust: float = 1.0,
 ) -> Allocation:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
@@ -83,7 +84,7 @@ def plan_for_budget(
     (Measurements.weighted_errors). Byte budgets pass each candidate's exact packed size as
     `costs` (bits) and the bits left for these layers as `budget_bits`. Each group in `tied`
     (layers an engine fuses, such as q/k/v for vLLM) gets one format, chosen as one item whose
-    cost and error are its members' sums."""
+    cost and error are its members' sums. `trust` is the upgrade allocator's (upgrade_choice)."""
     if allocator not in ALLOCATORS:
         raise BudgetError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
     names = list(measurements.layers) if layers is None else layers
@@ -108,7 +109,7 @@ def plan_for_budget(
     if allocator == "knapsack":
         picks = held_solve(solve_mckp, item_costs, item_errors, budget)
     elif allocator == "upgrade":
-        picks = upgrade_choice(item_costs, item_errors, budget)
+        picks = upgrade_choice(item_costs, item_errors, budget, trust=trust)
     else:
 
         def baq(costs_, errors_, budget_):
@@ -174,13 +175,19 @@ def held_solve(solver, costs: list[list], errors: list[list[float]], budget: int
 
 
 def upgrade_choice(
-    costs: list[list[int]], errors: list[list[float]], budget: int, extra: list[int] | None = None
+    costs: list[list[int]],
+    errors: list[list[float]],
+    budget: int,
+    extra: list[int] | None = None,
+    trust: float = 1.0,
 ) -> list[int]:
-    """The uniform candidate that fits with the least summed error, then the bits it leaves
-    spent by the knapsack, each layer limited to candidates whose measured error is no larger
-    than the uniform one's there. No layer gets worse than under the uniform plan, so the
-    additive proxy's blind spot (a cheap layer's extra error hurting more downstream than
-    measured, which made mixed plans lose to uniform int4 near 4.25 bpw) cannot be exploited.
+    """The uniform candidate that fits with the least summed error, then the knapsack over the
+    bits it leaves, each layer limited to candidates whose measured error is at most `trust`
+    times the uniform one's there. The limit keeps every layer near the uniform plan, where the
+    additive proxy holds: a cheap layer's large extra error hurts more downstream than measured,
+    which made free mixed plans lose to uniform int4 near 4.25 bpw. With `trust` = 1 no layer
+    gets worse than under the uniform plan, and at a uniform format's own size the plan is that
+    format; above 1 a layer may step down a little (coarser groups) to pay for another's step up.
 
     `extra[i]` leading candidates of item i (a table's float option) are not formats shared by
     every item: they take no part in choosing the uniform base, but stay open if no worse.
@@ -201,7 +208,7 @@ def upgrade_choice(
     if not fitting:  # no single format fits everywhere: fall back to the free knapsack
         return held_solve(solve_mckp, costs, errors, budget)
     base = min(fitting, key=lambda j: (totals[j][1], -totals[j][0]))
-    allowed = [[j for j in range(len(e)) if e[j] <= e[base + x]] for _, e, x in items]
+    allowed = [[j for j in range(len(e)) if e[j] <= trust * e[base + x]] for _, e, x in items]
     picks = solve_mckp(
         [[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)],
         [[e[j] for j in ok] for e, ok in zip(errors, allowed, strict=True)],
