@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="R",
         help="budget runs, upgrade allocator: a layer may take a cheaper candidate whose measured error is at "
-        "most R times its error under the uniform base, to pay for another layer's better one (default 1.0; "
+        "most R times its error under the uniform base, to pay for another layer's better one (default 1.5; "
         "1: no layer worse than under the base)",
     )
     q.add_argument(

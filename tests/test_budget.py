@@ -58,25 +58,31 @@ def test_knapsack_is_never_worse_than_baq_on_the_same_measurements(tmp_path):
         assert exact.predicted_error <= baq.predicted_error * (1 + 1e-9)
 
 
-def test_upgrade_plan_spends_the_spare_bits_without_making_any_layer_worse(tmp_path):
+@pytest.mark.parametrize("trust", [1.0, 1.5])
+def test_upgrade_plan_keeps_every_layer_within_trust_of_the_uniform_base(tmp_path, trust):
     model = make_tiny_model("qwen2")
     path = tmp_path / "m.json"
     lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, measurements=path, **KW)
     meas = Measurements.load(path)
     names = list(meas.layers)
     for bpw in (3.3, 4.25, 5.0):
-        plan = plan_for_budget(meas, bpw, "upgrade")
+        plan = plan_for_budget(meas, bpw, "upgrade", trust=trust)
         # the uniform format it starts from: least summed error among those that fit
         fits = [j for j in range(len(meas.candidates)) if sum(plan.costs[n][j] for n in names) <= plan.budget_bits]
         base = min(fits, key=lambda j: sum(meas.weighted_errors(n, "relative")[j] for n in names))
-        uniform_bits = sum(plan.costs[n][base] for n in names)
         assert plan.achieved_bpw <= bpw
-        assert all(meas.layers[n]["errors"][j] <= meas.layers[n]["errors"][base] for n, j in plan.choice.items())
-        assert sum(plan.costs[n][j] for n, j in plan.choice.items()) >= uniform_bits
+        errors = {n: meas.layers[n]["errors"] for n in names}
+        assert all(errors[n][j] <= trust * errors[n][base] for n, j in plan.choice.items())
+        if trust == 1.0:  # no layer worse, so it can only spend bits
+            uniform_bits = sum(plan.costs[n][base] for n in names)
+            assert sum(plan.costs[n][j] for n, j in plan.choice.items()) >= uniform_bits
         assert plan.predicted_error <= sum(meas.weighted_errors(n, "relative")[base] for n in names)
-        # the free knapsack is never worse on the proxy, having more choices
+        # a wider trust region is never worse on the proxy, nor the free knapsack, having more choices
+        assert plan_for_budget(meas, bpw, "upgrade", trust=2 * trust).predicted_error <= plan.predicted_error * (
+            1 + 1e-9
+        )
         assert plan_for_budget(meas, bpw, "knapsack").predicted_error <= plan.predicted_error * (1 + 1e-9)
-    spare = plan_for_budget(meas, 4.25, "upgrade")
+    spare = plan_for_budget(meas, 4.25, "upgrade", trust=trust)
     assert len(set(spare.choice.values())) >= 2  # something was upgraded
 
 

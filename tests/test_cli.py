@@ -89,8 +89,11 @@ def test_help_explains_options(capsys):
         main(["quantize", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--bits", "--group-size", "--sym", "--out", "--overwrite", "--clip-search"):
+    for option in ("--bits", "--group-size", "--sym", "--out", "--overwrite", "--clip-search", "--trust"):
         assert option in out
+    from lowbit.recipe import UPGRADE_TRUST
+
+    assert f"(default {UPGRADE_TRUST:g};" in " ".join(out.split())  # the default the recipe applies
 
 
 def test_missing_model_path(capsys, tmp_path):
@@ -175,6 +178,7 @@ def test_bad_eval_options_are_refused_before_the_model_is_read(capsys, tmp_path,
 
 def test_bpw_and_bits_with_a_decimal_point_are_one_budget_and_seqlen_spellings_agree():
     from lowbit.cli import build_parser, recipe_from_args
+    from lowbit.recipe import UPGRADE_TRUST
 
     def recipe(*argv):
         return recipe_from_args(build_parser().parse_args(["quantize", "m", "--out", "o", *argv]))
@@ -183,6 +187,11 @@ def test_bpw_and_bits_with_a_decimal_point_are_one_budget_and_seqlen_spellings_a
     assert a.budget == b.budget and a.budget.bpw == 3.25 and a.format is None is b.format
     assert recipe("--bpw", "4").budget.bpw == 4.0  # --bpw is always a budget
     assert recipe("--bits", "3.5", "--trust", "1.4").budget.trust == 1.4
+    assert recipe("--bits", "3.5").budget.trust == UPGRADE_TRUST
+    trust_help = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["quantize"]._actions if a.dest == "trust"
+    )
+    assert f"default {UPGRADE_TRUST:g};" in trust_help.help  # the help states the default the recipe applies
     assert recipe("--bits", "4").format.bits == 4 and recipe("--bits", "4").budget is None
     old, new = recipe("--bits", "4", "--seqlen", "256"), recipe("--bits", "4", "--calib-seqlen", "256")
     assert old.calibration.seqlen == new.calibration.seqlen == 256

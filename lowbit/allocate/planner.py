@@ -10,7 +10,7 @@ from lowbit.allocate.knapsack import min_cost, solve_mckp
 from lowbit.allocate.sensitivity import Measurements, plan_formats
 from lowbit.errors import BudgetError
 from lowbit.formats import Format, format_from_dict
-from lowbit.recipe import ALLOCATORS
+from lowbit.recipe import ALLOCATORS, UPGRADE_TRUST
 
 
 @dataclass
@@ -76,7 +76,7 @@ def plan_for_budget(
     costs: dict[str, list[int]] | None = None,
     budget_bits: int | None = None,
     tied: list[tuple[str, ...]] | None = None,
-    trust: float = 1.0,
+    trust: float = UPGRADE_TRUST,
 ) -> Allocation:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
@@ -179,7 +179,7 @@ def upgrade_choice(
     errors: list[list[float]],
     budget: int,
     extra: list[int] | None = None,
-    trust: float = 1.0,
+    trust: float = UPGRADE_TRUST,
 ) -> list[int]:
     """The uniform candidate that fits with the least summed error, then the knapsack over the
     bits it leaves, each layer limited to candidates whose measured error is at most `trust`
