@@ -71,6 +71,41 @@ def test_the_table_probe_scores_each_table_by_the_kl_its_rounding_causes_and_res
     assert probe.table_errors(head.name)[1] == pytest.approx(alone / probe.scale)
 
 
+def test_the_table_probe_reads_a_lazy_model_one_block_at_a_time_and_agrees_with_the_whole_one(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """Tables sit at both ends of the model, yet the probe walks the blocks once: a rounded
+    embedding is a stream of its own from block 0, a rounded head scores the float stream."""
+    from lowbit import walker
+
+    path = tmp_path / "sharded"
+    make_tiny_model("llama", layers=3).save_pretrained(path, max_shard_size="40KB")
+    tiny_tokenizer.save_pretrained(path)
+    eager = lowbit.load_model(path, lazy=False).model
+    tables = find_tables(eager)
+    assert sorted(t.kind for t in tables) == ["embedding", "head"]
+    linears = [n for n, _ in quantizable_linears(eager, get_adapter("llama"))]
+    whole = probe_tables(eager, linears, tables, CANDIDATES, WINDOWS, progress=False)
+
+    lazy = lowbit.load_model(path, lazy=True).model
+    held = []
+    run = walker.Block.run
+    monkeypatch.setattr(
+        walker.Block, "run", lambda self, *a, **k: held.append(_loaded_blocks(lazy)) or run(self, *a, **k)
+    )
+    by_blocks = probe_tables(lazy, linears, tables, CANDIDATES, WINDOWS, progress=False)
+    assert held and max(held) == 1
+    assert by_blocks.linear_kl == pytest.approx(whole.linear_kl, rel=1e-4)
+    assert by_blocks.linear_error == pytest.approx(whole.linear_error, rel=1e-4)
+    for t in tables:
+        assert by_blocks.table_kl[t.name] == pytest.approx(whole.table_kl[t.name], rel=1e-4), t.name
+    assert _loaded_blocks(lazy) == 0  # every block released again
+
+
+def _loaded_blocks(model) -> int:
+    return sum(not next(b.parameters()).is_meta for b in model.model.layers)
+
+
 def smallest_size(model, **kw) -> int:
     """The size the refusal names as the smallest that works."""
     with pytest.raises(BudgetError, match=r"use --size ([0-9.]+)MB") as err:

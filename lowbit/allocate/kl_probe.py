@@ -23,10 +23,10 @@ k_proj, ...) moved toward one bit width's grid until its error is the one GPTQ m
 summed relative error per role and width, so that a plan's summed weighted error predicts its
 KL (issue: budgets against the uniform frontier).
 
-The role probe walks the blocks once (the block walker), carrying one stream of activations
-per role and width beside the float one, so a model read block by block (models/lazy.py) holds
-one float block at a time. The table probe runs whole forwards (a table is at both ends of the
-model), so such a model is read whole for it.
+Both probes walk the blocks once (the block walker), carrying one stream of activations per
+probed model beside the float one, so a model read block by block (models/lazy.py) holds one
+float block at a time. A rounded embedding's stream starts from its own capture of block 0's
+inputs; a rounded head needs no stream, only the float model's last outputs.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,10 +45,9 @@ from lowbit.eval.metrics import evaluate_windows
 from lowbit.eval.reference import build_reference, replayed
 from lowbit.formats import Format
 from lowbit.models.adapters import get_adapter, linear_weight
-from lowbit.models.lazy import lazy_weights, load_rest, release_blocks
 from lowbit.tables import Table, quantize_weight
 from lowbit.targets import fits
-from lowbit.walker import Block, Unresumable, walk
+from lowbit.walker import Block, Unresumable, capture_block_calls, walk
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +83,6 @@ def probe_windows(windows: torch.Tensor) -> torch.Tensor:
     return windows[:n]
 
 
-@contextmanager
-def _whole(model: nn.Module, windows: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The float reference on `windows`, with the model read whole while the probe runs."""
-    reference = build_reference(model, windows, batch_size=1, progress=False)  # block by block when lazy
-    if lazy_weights(model) is not None:
-        logger.info("the KL probe runs the whole model: reading its blocks into memory for it")
-        load_rest(model)
-    try:
-        yield reference
-    finally:
-        release_blocks(model)
-
-
 @torch.no_grad()
 def probe_tables(
     model: nn.Module,
@@ -110,8 +94,94 @@ def probe_tables(
 ) -> TableProbe:
     """Measure (see the module's docstring) on the first PROBE_TOKENS positions of `windows`."""
     windows = probe_windows(windows)
-    with _whole(model, windows) as reference:
-        return _probe(model, linears, tables, candidates, windows, reference, progress)
+    batch = len(windows)  # one batch: each layer is rounded once per candidate
+    reference = build_reference(model, windows, batch, progress=False)  # block by block when lazy
+    client = _TablePass(model, linears, tables, candidates, windows)
+    adapter = get_adapter(model.config.model_type)
+    walk(model, adapter, windows, client, batch, progress=progress, after_capture=client.capture_embeddings)
+    bar = tqdm(total=len(candidates) * (1 + len(tables)), desc="scoring tables", disable=not progress)
+
+    def kl(outputs: list[torch.Tensor]) -> float:
+        with replayed(model, outputs, client.returns_tuple):
+            out = evaluate_windows(model, windows, reference, batch, progress=False)["kld"]
+        bar.update()
+        return out
+
+    linear_kl = [kl(client.linear_streams[j]) for j in range(len(candidates))]
+    summed = [sum(e[j] for e in client.errors.values() if e[j] is not None) for j in range(len(candidates))]
+    kappa = [k / s if s > 0 else 0.0 for k, s in zip(linear_kl, summed, strict=True)]
+    probe = TableProbe(kappa, linear_kl, summed)
+    for table in tables:
+        weight = model.get_submodule(table.name).weight
+        scores: list[float | None] = []
+        for j, fmt in enumerate(candidates):
+            if not fits(fmt, weight.shape[1]):
+                scores.append(None)
+                bar.update()
+                continue
+            outputs = client.table_streams.get((table.name, j), client.float_outputs)
+            with _swapped({table.name: weight}, fmt, plain=False):  # a tied head is rounded with it
+                scores.append(kl(outputs))
+        probe.table_kl[table.name] = scores
+    bar.close()
+    logger.info("table probe: %s", probe.to_dict())
+    return probe
+
+
+class _TablePass(Unresumable):
+    """Walker client of the table probe: the float stream (whose observers record every planned
+    linear's round-to-nearest error per candidate), one stream per candidate with every planned
+    linear rounded to it, and one per (embedding table, candidate) starting from the rounded
+    lookup. Scored afterwards (`replayed`), a head table with the float stream's last outputs."""
+
+    desc = "probing tables"
+    outputs_hint = "; the float model overflows on this data: compute in float32"
+    releases_blocks = True
+
+    def __init__(self, model, linears, tables, candidates, windows) -> None:
+        self.model, self.linears, self.candidates, self.windows = model, linears, candidates, windows
+        self.embeddings = [t for t in tables if t.kind == "embedding"]
+        self.errors: dict[str, list[float | None]] = {}
+        self.linear_streams: list[list[torch.Tensor] | None] = [None] * len(candidates)
+        self.table_streams: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.float_outputs: list[torch.Tensor] = []
+        self.returns_tuple = False
+
+    def capture_embeddings(self) -> None:
+        """Block 0's inputs with each embedding table rounded to each candidate it can hold."""
+        adapter = get_adapter(self.model.config.model_type)
+        for table in self.embeddings:
+            weight = self.model.get_submodule(table.name).weight
+            for j, fmt in enumerate(self.candidates):
+                if fits(fmt, weight.shape[1]):
+                    with _swapped({table.name: weight}, fmt, plain=False):
+                        calls = capture_block_calls(self.model, adapter, self.windows, len(self.windows))
+                    self.table_streams[(table.name, j)] = calls.first_inputs
+
+    def process(self, block: Block) -> list[torch.Tensor]:
+        inside = [n for n in self.linears if n.startswith(block.prefix)]
+        modules = {n: block.module.get_submodule(n[len(block.prefix) :]) for n in inside}
+        observers = {
+            n[len(block.prefix) :]: _RoundingError(
+                modules[n],
+                {j: f for j, f in enumerate(self.candidates) if fits(f, linear_weight(modules[n]).shape[1])},
+            )
+            for n in inside
+        }
+        outputs = block.run(observers)
+        for n in inside:
+            seen = observers[n[len(block.prefix) :]]
+            self.errors[n] = [seen.relative(j) if j in seen.error else None for j in range(len(self.candidates))]
+        weights = {n: linear_weight(m) for n, m in modules.items()}
+        for j, fmt in enumerate(self.candidates):
+            stream = self.linear_streams[j]
+            with _swapped(weights, fmt, plain=True):
+                self.linear_streams[j] = block.outputs_for(block.inputs if stream is None else stream)
+        for key, stream in self.table_streams.items():
+            self.table_streams[key] = block.outputs_for(stream)
+        self.float_outputs = outputs
+        self.returns_tuple = block.calls.returns_tuple
+        return outputs
 
 
 @torch.no_grad()
@@ -217,73 +287,6 @@ class _RoleProbePass(Unresumable):
                 self.streams[k] = block.outputs_for(stream)
         self.returns_tuple = block.calls.returns_tuple
         return outputs
-
-
-def _probe(model, linears, tables, candidates, windows, reference, progress) -> TableProbe:
-    modules = {n: model.get_submodule(n) for n in linears}
-    steps = 2 * len(candidates) + len(candidates) * len(tables) + 1
-    bar = tqdm(total=steps, desc="probing tables", disable=not progress)
-    errors = _relative_errors(model, modules, candidates, windows)
-    bar.update()
-
-    def kl() -> float:
-        out = evaluate_windows(model, windows, reference, batch_size=1, progress=False)["kld"]
-        bar.update()
-        return out
-
-    linear_kl = []
-    for fmt in candidates:
-        with _swapped({n: linear_weight(m) for n, m in modules.items()}, fmt, plain=True):
-            bar.update()
-            linear_kl.append(kl())
-    summed = [sum(e[j] for e in errors.values() if e[j] is not None) for j in range(len(candidates))]
-    kappa = [k / s if s > 0 else 0.0 for k, s in zip(linear_kl, summed, strict=True)]
-    probe = TableProbe(kappa, linear_kl, summed)
-    for table in tables:
-        weight = model.get_submodule(table.name).weight
-        scores = []
-        for fmt in candidates:
-            if not fits(fmt, weight.shape[1]):
-                scores.append(None)
-                bar.update()
-                continue
-            with _swapped({table.name: weight}, fmt, plain=False):
-                scores.append(kl())
-        probe.table_kl[table.name] = scores
-    bar.close()
-    logger.info("table probe: %s", probe.to_dict())
-    return probe
-
-
-def _relative_errors(
-    model: nn.Module, modules: dict[str, nn.Module], candidates: list[Format], windows: torch.Tensor
-) -> dict[str, list[float]]:
-    """Per linear and candidate: |X dWᵀ|² / |X Wᵀ|² over the windows, dW its round-to-nearest
-    error (None where the rows do not split into the format's blocks); the windows go through
-    in one batch, so each rounding is computed once."""
-    errors: dict[str, list[float]] = {}
-
-    def hook(name: str):
-        def record(module: nn.Module, args, _out) -> None:
-            w = linear_weight(module).detach().float()
-            x = args[0].detach().float().reshape(-1, w.shape[1])
-            energy = (x @ w.t()).pow(2).sum().clamp_min(1e-30)
-            errors[name] = [
-                float((x @ (fmt.quantize_tensor(w).dequantize() - w).t()).pow(2).sum() / energy)
-                if fits(fmt, w.shape[1])
-                else None
-                for fmt in candidates
-            ]
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        model(windows, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return errors
 
 
 class _swapped:
