@@ -123,7 +123,7 @@ def test_upgrade_trust_lets_layers_step_down_a_little_to_pay_for_another_step_up
     errors = [[1.2, 1.0, 0.3, 4.0], [1.3, 1.0, 0.3, 4.0], [1.1, 1.0, 0.3, 4.0], [1.25, 1.0, 0.2, 4.0]]
     budget = 40  # exactly the 3-bit grid everywhere
     # trust 1: no layer may get worse than under the base, so at its own size the plan is the base
-    assert upgrade_choice(costs, errors, budget) == [1, 1, 1, 1]
+    assert upgrade_choice(costs, errors, budget, trust=1.0) == [1, 1, 1, 1]
     # trust 1.25: layer 1 may not coarsen (1.3 > 1.25), so it is the one lifted to 4 bits (-0.7), paid
     # by the other three coarsening (+0.2, +0.1, +0.25); the 2-bit grid (4x the error) stays out of reach
     assert upgrade_choice(costs, errors, budget, trust=1.25) == [0, 2, 0, 0]

@@ -27,6 +27,7 @@ class Allocation:
     reserved_bits: int = 0  # pinned layers' bits
     total_numel: int = 0  # weights the budget is spread over, pinned layers included
     costs: dict[str, list[int]] = field(default_factory=dict)  # layer -> bits of each candidate, as budgeted
+    trust: float = UPGRADE_TRUST  # the upgrade allocator's (upgrade_choice)
 
     def with_choice(self, measurements: Measurements, choice: dict[str, int], weighting: str) -> Allocation:
         """The same budget with another choice (e.g. a refined one), its figures recomputed."""
@@ -140,6 +141,7 @@ def plan_for_budget(
         reserved_bits=reserved_bits,
         total_numel=total,
         costs=dict(zip(names, costs, strict=True)),
+        trust=trust,
     )
 
 
@@ -241,6 +243,7 @@ def starting_plans(
                 weighting=w,
                 costs=plan.costs,
                 budget_bits=plan.budget_bits,
+                trust=plan.trust,
             )
             starts[label] = other.choice
     n_cands = len(measurements.candidates)
