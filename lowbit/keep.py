@@ -3,21 +3,25 @@
 A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
-`int8-gch` (per channel), or a llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml);
-the group defaults to the run's --group-size.
+`int8-gch` (per channel), a level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`), or a
+llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml); the group defaults to
+the run's --group-size.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-from lowbit.formats import Format, IntFormat
+from lowbit.formats import Format, IntFormat, LevelFormat
 from lowbit.formats.ggml import GGML_TYPES, ggml_type_named
+from lowbit.formats.levels import GRIDS
 
 _FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?$")
+_GRID = re.compile(rf"^({'|'.join(GRIDS)})(?:[-_]?g(\d+|ch))?$")
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,16 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
     ggml = ggml_type_named(spec)
     if ggml is not None:  # llama.cpp's names: q4_0, iq4_nl, q4_k ...
         return ggml.fmt
+    grid = _GRID.match(spec.strip().lower())
+    if grid:  # lowbit's names of the level grids: nf4-g64, fp4-g32, nf3-gch, iq4nl-g32
+        name, group = grid.groups()
+        gs = group_size if group is None else (None if group == "ch" else int(group))
+        return LevelFormat(int(math.log2(len(GRIDS[name]))), gs, grid=name)
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(
-            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym or a llama.cpp type "
+            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym, nf4-g64 "
+            f"(level grids: {', '.join(GRIDS)}) or a llama.cpp type "
             f"({', '.join(t.name.lower() for t in GGML_TYPES)})"
         )
     bits, group, sym = m.groups()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowbit.formats import IntFormat
+from lowbit.formats import IntFormat, LevelFormat
 from lowbit.solvers import HessianError, gptq_quantize
 
 
@@ -23,11 +23,11 @@ FORMATS = [
     IntFormat(b, gs, sym)
     for b in (2, 3, 4, 5, 6, 8)
     for gs, sym in ((32, False), (None, False), (40, True))  # 40 leaves a partial group of 16
-]
+] + [LevelFormat(b, gs, grid=grid) for b, grid in ((4, "nf4"), (3, "nf3"), (4, "fp4")) for gs in (32, 40)]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_gptq_beats_rtn_output_error_for_every_integer_format(fmt):
+def test_gptq_beats_rtn_output_error_for_every_integer_and_level_format(fmt):
     w, x, h = _layer()
     rtn = fmt.quantize_tensor(w).dequantize()
     res = gptq_quantize(w, h, fmt)
