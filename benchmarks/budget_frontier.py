@@ -96,6 +96,8 @@ def _frontier_columns(rows: list[dict]) -> None:
     uniform = [x for x in rows if x["kind"] == "uniform"]
     for x in rows:
         if x["kind"] == "budget":
+            if "trust" in x:  # rows written before --trust existed have none (their allocator's was 1)
+                x["label"] = f"{x['label'].split(',')[0]}, trust {x['trust']:g}"
             line, best = frontier(uniform, x["bpw"])
             x["frontier_kld"] = line
             x["best_uniform_below"] = None if best is None else {"run": best["run"], "kld": best["kld"]}
