@@ -55,9 +55,25 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
     raise SystemExit(f"bad run spec {spec!r}: use u:BITS:GROUP or b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]")
 
 
+def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The uniform frontier: the lower convex hull of (bpw, KLD). A uniform format above the line
+    between two others (int4 g256 between int3 g64 and int4 g128 on smollm2) is not on it: mixing
+    those two layer by layer would be expected to do at least as well at its size."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(points):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (x1 - x0) * (p[1] - y0) - (y1 - y0) * (p[0] - x0) <= 0:  # hull[-1] on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
 def frontier(uniform: list[dict], bpw: float) -> tuple[float | None, dict | None]:
     """The uniform frontier's KLD interpolated at `bpw`, and the best uniform run at or below it."""
-    pts = sorted((u["bpw"], u["kld"]) for u in uniform)
+    pts = lower_hull([(u["bpw"], u["kld"]) for u in uniform])
     line = None
     for (b0, k0), (b1, k1) in zip(pts, pts[1:], strict=False):
         if b0 <= bpw <= b1:
@@ -124,7 +140,7 @@ def earlier(path: Path) -> tuple[list[dict], list[str]]:
     if not path.is_file():
         return [], []
     old = json.loads(path.read_text())
-    commands = old.get("commands") or [f"{old['date']}: {old['command']}"]
+    commands = old.get("commands") or [f"{old.get('date')}: {old.get('command', path.name)}"]
     for x in old["runs"]:
         x.setdefault("date", old.get("date"))
     return old["runs"], commands
@@ -144,7 +160,9 @@ def main() -> None:
     if args.uniform_from:
         more, their = earlier(args.uniform_from)
         taken = {x["run"] for x in rows}
-        rows += [x for x in more if x["kind"] == "uniform" and x["run"] not in taken]
+        for x in more:  # budget_e2e.py's files name their uniform runs u-... and have no kind
+            if x.get("kind", "uniform" if x["run"].startswith("u-") else None) == "uniform" and x["run"] not in taken:
+                rows.append({**x, "kind": "uniform"})
         commands += [f"(uniform rows of {args.uniform_from.name}) {c}" for c in their]
     today = datetime.date.today().isoformat()
     commands.append(f"{today}: {shlex.join(sys.argv)}")
@@ -162,6 +180,9 @@ def main() -> None:
             x["formats"] = budget.get("formats")
             x["trust"] = budget.get("trust", 1.0)  # runs before --trust existed: 1
             x["candidates"] = [format_from_dict(c).name for c in budget.get("candidates") or []]
+        if not args.fresh:  # rows another sweep wrote meanwhile stay
+            on_disk, _ = earlier(args.results)
+            rows += [y for y in on_disk if y["run"] not in {z["run"] for z in rows}]
         rows = [y for y in rows if y["run"] != name] + [x]
         write(args.results, rows, commands)
     print("| run | date | bpw | KLD | frontier KLD | vs frontier | best uniform below | top-1 | plan s |")
