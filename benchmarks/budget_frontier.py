@@ -181,8 +181,9 @@ def main() -> None:
             x["trust"] = budget.get("trust", 1.0)  # runs before --trust existed: 1
             x["candidates"] = [format_from_dict(c).name for c in budget.get("candidates") or []]
         if not args.fresh:  # rows another sweep wrote meanwhile stay
-            on_disk, _ = earlier(args.results)
+            on_disk, their = earlier(args.results)
             rows += [y for y in on_disk if y["run"] not in {z["run"] for z in rows}]
+            commands[:] = list(dict.fromkeys(their + commands))
         rows = [y for y in rows if y["run"] != name] + [x]
         write(args.results, rows, commands)
     print("| run | date | bpw | KLD | frontier KLD | vs frontier | best uniform below | top-1 | plan s |")
