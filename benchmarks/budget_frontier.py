@@ -90,7 +90,15 @@ def plot(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["bpw"])
-    ax.plot([r["bpw"] for r in uni], [r["kld"] for r in uni], "o-", color="gray", label="uniform (GPTQ)")
+    ax.plot([r["bpw"] for r in uni], [r["kld"] for r in uni], "o", color="gray", label="uniform (GPTQ)")
+    hull = lower_hull([(r["bpw"], r["kld"]) for r in uni])
+    line = [  # the frontier as the numbers use it: straight in KLD, so curved on the log axis
+        (x0 + (x1 - x0) * t / 20, y0 + (y1 - y0) * t / 20)
+        for (x0, y0), (x1, y1) in zip(hull, hull[1:], strict=False)
+        for t in range(21)
+    ]
+    if line:
+        ax.plot(*zip(*line, strict=True), "-", color="gray", lw=1, label="uniform frontier (lower convex hull)")
     for r in uni:
         name = r["run"].removeprefix("u-")
         ax.annotate(name, (r["bpw"], r["kld"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
