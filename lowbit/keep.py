@@ -11,7 +11,6 @@ the run's --group-size.
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from dataclasses import dataclass
 
@@ -37,8 +36,7 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
     grid = _GRID.match(spec.strip().lower())
     if grid:  # lowbit's names of the level grids: nf4-g64, fp4-g32, nf3-gch, iq4nl-g32
         name, group = grid.groups()
-        gs = group_size if group is None else (None if group == "ch" else int(group))
-        return LevelFormat(int(math.log2(len(GRIDS[name]))), gs, grid=name)
+        return LevelFormat(len(GRIDS[name]).bit_length() - 1, _group(group, group_size), grid=name)
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(
@@ -47,8 +45,12 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
             f"({', '.join(t.name.lower() for t in GGML_TYPES)})"
         )
     bits, group, sym = m.groups()
-    gs = group_size if group is None else (None if group == "ch" else int(group))
-    return IntFormat(int(bits), gs, symmetric if sym is None else sym == "sym")
+    return IntFormat(int(bits), _group(group, group_size), symmetric if sym is None else sym == "sym")
+
+
+def _group(spelled: str | None, default: int | None) -> int | None:
+    """A group size as a format name spells it (`g64`, `gch` per channel), or the run's default."""
+    return default if spelled is None else (None if spelled == "ch" else int(spelled))
 
 
 def parse_rules(text: str | None, group_size: int | None = 128, symmetric: bool = False) -> list[KeepRule]:
