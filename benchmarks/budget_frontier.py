@@ -5,7 +5,8 @@ protocol (issue: budgets must beat the uniform frontier at every size).
 Every run is the CLI in its own process (budget_e2e.run: `lowbit quantize ... --eval --quick
 --json`, the budget runs sharing one measurement file in WORK). A run is named by a spec:
 
-    u:BITS:GROUP            the uniform format, GPTQ
+    u:BITS:GROUP            the uniform integer format, GPTQ
+    u:FORMAT                the uniform format by name (`--format nf4-g128`), GPTQ
     b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]   a bit budget (default weighting relative, allocator
                             upgrade, the allocator's default --trust)
 
@@ -43,6 +44,8 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
     kind, *rest = spec.split(":")
     if kind == "u" and len(rest) == 2:
         return f"u-int{rest[0]}g{rest[1]}", ["--bits", rest[0], "--group-size", rest[1]]
+    if kind == "u" and len(rest) == 1:
+        return f"u-{rest[0]}", ["--format", rest[0]]
     if kind == "b" and 1 <= len(rest) <= 4:
         weighting = rest[1] if len(rest) > 1 else "relative"
         allocator = rest[2] if len(rest) > 2 else "upgrade"
@@ -52,7 +55,7 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
             name += f"-t{rest[3]}"
             args += ["--trust", rest[3]]
         return name, args
-    raise SystemExit(f"bad run spec {spec!r}: use u:BITS:GROUP or b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]")
+    raise SystemExit(f"bad run spec {spec!r}: use u:BITS:GROUP, u:FORMAT or b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]")
 
 
 def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -149,6 +152,9 @@ def earlier(path: Path) -> tuple[list[dict], list[str]]:
         return [], []
     old = json.loads(path.read_text())
     commands = old.get("commands") or [f"{old.get('date')}: {old.get('command', path.name)}"]
+    if "runs" not in old:  # level_grids.py's file: one uniform GPTQ run per format, same protocol
+        keep = ("bpw", "kld", "ppl", "top1")
+        old["runs"] = [{"run": f"u-{r['format']}", "kind": "uniform", **{k: r[k] for k in keep}} for r in old["rows"]]
     for x in old["runs"]:
         x.setdefault("date", old.get("date"))
     return old["runs"], commands
@@ -161,21 +167,33 @@ def main() -> None:
     ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")), help="the lowbit command")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--fresh", action="store_true", help="start a new results file instead of extending it")
-    ap.add_argument("--uniform-from", type=Path, help="start from the uniform rows of another results file")
+    ap.add_argument(
+        "--uniform-from",
+        type=Path,
+        action="append",
+        default=[],
+        help="start from the uniform rows of another results file (budget_frontier, budget_e2e or level_grids); "
+        "may be repeated",
+    )
+    ap.add_argument("--candidates", help="budget runs: `lowbit quantize --candidates` (default: lowbit's own)")
+    ap.add_argument("--tag", default="", help="budget runs: appended to run names and plot labels (a candidate set)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows, commands = ([], []) if args.fresh else earlier(args.results)
-    if args.uniform_from:
-        more, their = earlier(args.uniform_from)
+    for source in args.uniform_from:
+        more, their = earlier(source)
         taken = {x["run"] for x in rows}
         for x in more:  # budget_e2e.py's files name their uniform runs u-... and have no kind
             if x.get("kind", "uniform" if x["run"].startswith("u-") else None) == "uniform" and x["run"] not in taken:
                 rows.append({**x, "kind": "uniform"})
-        commands += [f"(uniform rows of {args.uniform_from.name}) {c}" for c in their]
+        commands += [f"(uniform rows of {source.name}) {c}" for c in their]
     today = datetime.date.today().isoformat()
     commands.append(f"{today}: {shlex.join(sys.argv)}")
     for spec in args.runs:
         name, cli = spec_args(spec)
+        if spec.startswith("b:"):
+            name += f"-{args.tag}" if args.tag else ""
+            cli += ["--candidates", args.candidates] if args.candidates else []
         r = run(args.work, name, cli, args.lowbit)
         if r is None:
             continue
@@ -184,7 +202,7 @@ def main() -> None:
         x["kind"] = "uniform" if spec.startswith("u:") else "budget"
         x["date"] = today
         if x["kind"] == "budget":
-            x["label"] = f"{budget.get('weighting')}/{budget.get('allocator')}"
+            x["label"] = f"{budget.get('weighting')}/{budget.get('allocator')}" + (f" {args.tag}" if args.tag else "")
             x["formats"] = budget.get("formats")
             x["trust"] = budget.get("trust", 1.0)  # runs before --trust existed: 1
             x["candidates"] = [format_from_dict(c).name for c in budget.get("candidates") or []]

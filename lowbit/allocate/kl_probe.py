@@ -128,15 +128,33 @@ def probe_tables(
     return probe
 
 
-class _TablePass(Unresumable):
+class _ProbeWalk(Unresumable):
+    """What the probes' walker clients share: the float stream runs each block once with
+    rounding observers on some of its linears, and perturbed streams run beside it; each block
+    is read once, so a probe never holds more than one float block."""
+
+    outputs_hint = "; the float model overflows on this data: compute in float32"
+    releases_blocks = True
+    returns_tuple = False
+
+    @staticmethod
+    def modules_in(block: Block, names) -> dict[str, nn.Module]:
+        """The block's linears among `names`, by full name."""
+        return {n: block.module.get_submodule(n[len(block.prefix) :]) for n in names if n.startswith(block.prefix)}
+
+    def run_float(self, block: Block, observed: dict[str, _RoundingError]) -> list[torch.Tensor]:
+        """The float stream through `block`, each observer (by full name) seeing its linear's inputs."""
+        self.returns_tuple = block.calls.returns_tuple
+        return block.run({n[len(block.prefix) :]: o for n, o in observed.items()})
+
+
+class _TablePass(_ProbeWalk):
     """Walker client of the table probe: the float stream (whose observers record every planned
     linear's round-to-nearest error per candidate), one stream per candidate with every planned
     linear rounded to it, and one per (embedding table, candidate) starting from the rounded
     lookup. Scored afterwards (`replayed`), a head table with the float stream's last outputs."""
 
     desc = "probing tables"
-    outputs_hint = "; the float model overflows on this data: compute in float32"
-    releases_blocks = True
 
     def __init__(self, model, linears, tables, candidates, windows) -> None:
         self.model, self.linears, self.candidates, self.windows = model, linears, candidates, windows
@@ -145,7 +163,6 @@ class _TablePass(Unresumable):
         self.linear_streams: list[list[torch.Tensor] | None] = [None] * len(candidates)
         self.table_streams: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.float_outputs: list[torch.Tensor] = []
-        self.returns_tuple = False
 
     def capture_embeddings(self) -> None:
         """Block 0's inputs with each embedding table rounded to each candidate it can hold."""
@@ -159,18 +176,13 @@ class _TablePass(Unresumable):
                     self.table_streams[(table.name, j)] = calls.first_inputs
 
     def process(self, block: Block) -> list[torch.Tensor]:
-        inside = [n for n in self.linears if n.startswith(block.prefix)]
-        modules = {n: block.module.get_submodule(n[len(block.prefix) :]) for n in inside}
+        modules = self.modules_in(block, self.linears)
         observers = {
-            n[len(block.prefix) :]: _RoundingError(
-                modules[n],
-                {j: f for j, f in enumerate(self.candidates) if fits(f, linear_weight(modules[n]).shape[1])},
-            )
-            for n in inside
+            n: _RoundingError(m, {j: f for j, f in enumerate(self.candidates) if fits(f, linear_weight(m).shape[1])})
+            for n, m in modules.items()
         }
-        outputs = block.run(observers)
-        for n in inside:
-            seen = observers[n[len(block.prefix) :]]
+        outputs = self.run_float(block, observers)
+        for n, seen in observers.items():
             self.errors[n] = [seen.relative(j) if j in seen.error else None for j in range(len(self.candidates))]
         weights = {n: linear_weight(m) for n, m in modules.items()}
         for j, fmt in enumerate(self.candidates):
@@ -180,7 +192,6 @@ class _TablePass(Unresumable):
         for key, stream in self.table_streams.items():
             self.table_streams[key] = block.outputs_for(stream)
         self.float_outputs = outputs
-        self.returns_tuple = block.calls.returns_tuple
         return outputs
 
 
@@ -252,40 +263,35 @@ class _RoundingError:
         return self.error[j] / max(self.energy, 1e-30)
 
 
-class _RoleProbePass(Unresumable):
+class _RoleProbePass(_ProbeWalk):
     """Walker client: the float model's stream, and beside it one stream per (role, bit width)
     in which that role's linears are moved toward the width's grid (as far as `errors` says GPTQ
-    left them). Each block is read once and runs once per stream, so the probe never holds
-    more than one float block; the streams' last outputs are scored afterwards (`replayed`)."""
+    left them). The streams' last outputs are scored afterwards (`replayed`)."""
 
     desc = "KL probe"
-    outputs_hint = "; the float model overflows on this data: compute in float32"
-    releases_blocks = True
 
     def __init__(self, roles, errors, candidates, streams: list[tuple[str, int, int]]) -> None:
         self.roles, self.errors, self.candidates = roles, errors, candidates
         self.probed = {role: [j for r, _bits, j in streams if r == role] for role in roles}
         self.stream_keys = streams
         self.streams: list[list[torch.Tensor] | None] = [None] * len(streams)
-        self.returns_tuple = False
 
     def process(self, block: Block) -> list[torch.Tensor]:
-        inside = {role: [n for n in names if n.startswith(block.prefix)] for role, names in self.roles.items()}
-        modules = {n: block.module.get_submodule(n[len(block.prefix) :]) for names in inside.values() for n in names}
+        inside = {role: self.modules_in(block, names) for role, names in self.roles.items()}
+        modules = {n: m for role_modules in inside.values() for n, m in role_modules.items()}
         observers = {  # each linear rounded to the widths its role is probed at (which its rows hold)
-            n[len(block.prefix) :]: _RoundingError(modules[n], {j: self.candidates[j] for j in self.probed[role]})
-            for role, names in inside.items()
-            for n in names
+            n: _RoundingError(m, {j: self.candidates[j] for j in self.probed[role]})
+            for role, role_modules in inside.items()
+            for n, m in role_modules.items()
         }
-        outputs = block.run(observers)  # the float stream: the next inputs, and the rounding errors
+        outputs = self.run_float(block, observers)  # the next inputs, and the rounding errors
         for k, (role, _bits, j) in enumerate(self.stream_keys):
-            names = inside[role]
-            rtn = {n: observers[n[len(block.prefix) :]].relative(j) for n in names}
+            names = list(inside[role])
+            rtn = {n: observers[n].relative(j) for n in names}
             shrink = {n: (self.errors[n][j] / rtn[n]) ** 0.5 if rtn[n] > 0 else 0.0 for n in names}
             stream = block.inputs if self.streams[k] is None else self.streams[k]
             with _swapped({n: linear_weight(modules[n]) for n in names}, self.candidates[j], True, shrink):
                 self.streams[k] = block.outputs_for(stream)
-        self.returns_tuple = block.calls.returns_tuple
         return outputs
 
 
