@@ -7,8 +7,8 @@ Every run is the CLI in its own process (budget_e2e.run: `lowbit quantize ... --
 
     u:BITS:GROUP            the uniform integer format, GPTQ
     u:FORMAT                the uniform format by name (`--format nf4-g128`), GPTQ
-    b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]   a bit budget (default weighting relative, allocator
-                            upgrade, the allocator's default --trust)
+    b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST[:fade]]]]   a bit budget (default weighting relative,
+                            allocator upgrade, the allocator's default --trust; fade: --fade)
 
 A finished run's JSON in WORK is reused. The results file is extended (a row per run name, the
 latest replacing an earlier one, each with its date; every command kept) and rewritten after every
@@ -46,16 +46,21 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
         return f"u-int{rest[0]}g{rest[1]}", ["--bits", rest[0], "--group-size", rest[1]]
     if kind == "u" and len(rest) == 1:
         return f"u-{rest[0]}", ["--format", rest[0]]
-    if kind == "b" and 1 <= len(rest) <= 4:
+    if kind == "b" and 1 <= len(rest) <= 5:
         weighting = rest[1] if len(rest) > 1 else "relative"
         allocator = rest[2] if len(rest) > 2 else "upgrade"
         name = f"b{rest[0]}-{weighting}-{allocator}"
         args = ["--bits", rest[0], "--weighting", weighting, "--allocator", allocator]
-        if len(rest) > 3:
+        if len(rest) > 3 and rest[3]:
             name += f"-t{rest[3]}"
             args += ["--trust", rest[3]]
+        if len(rest) > 4:
+            if rest[4] != "fade":
+                raise SystemExit(f"bad run spec {spec!r}: the fifth field can only be fade")
+            name += "-fade"
+            args += ["--fade"]
         return name, args
-    raise SystemExit(f"bad run spec {spec!r}: use u:BITS:GROUP, u:FORMAT or b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST]]]")
+    raise SystemExit(f"bad run spec {spec!r}: see the module docstring (u:BITS:GROUP, u:FORMAT, b:BPW...)")
 
 
 def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -124,7 +129,7 @@ def _frontier_columns(rows: list[dict]) -> None:
     for x in rows:
         if x["kind"] == "budget":
             if "trust" in x:  # rows written before --trust existed have none (their allocator's was 1)
-                x["label"] = f"{x['label'].split(',')[0]}, trust {x['trust']:g}"
+                x["label"] = f"{x['label'].split(',')[0]}, trust {x['trust']:g}" + (", fade" if x.get("fade") else "")
             line, best = frontier(uniform, x["bpw"])
             x["frontier_kld"] = line
             x["best_uniform_below"] = None if best is None else {"run": best["run"], "kld": best["kld"]}
@@ -205,6 +210,7 @@ def main() -> None:
             x["label"] = f"{budget.get('weighting')}/{budget.get('allocator')}" + (f" {args.tag}" if args.tag else "")
             x["formats"] = budget.get("formats")
             x["trust"] = budget.get("trust", 1.0)  # runs before --trust existed: 1
+            x["fade"] = budget.get("fade", False)
             x["candidates"] = [format_from_dict(c).name for c in budget.get("candidates") or []]
         if not args.fresh:  # rows another sweep wrote meanwhile stay
             on_disk, their = earlier(args.results)

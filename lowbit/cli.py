@@ -161,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         "them (BENCHMARKS.md)",
     )
     q.add_argument(
+        "--fade",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="budget runs, upgrade allocator: near a uniform format's own size, let a layer fall back to its "
+        "error under the next cheaper uniform format, a freedom that fades out over one such gap above the size, "
+        "so a budget that just reaches a format gets no worse plan than one just below it (default: off)",
+    )
+    q.add_argument(
         "--refine",
         type=float,
         default=0.0,
@@ -339,6 +347,7 @@ def recipe_from_args(args: argparse.Namespace):
         allocator=args.allocator,
         weighting=args.weighting,
         **({} if args.trust is None else {"trust": args.trust}),
+        **({} if args.fade is None else {"fade": args.fade}),
         refine_seconds=args.refine,
         refine_windows=args.refine_windows,
         keep=args.keep,

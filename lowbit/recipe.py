@@ -26,6 +26,7 @@ DEFAULT_GROUP = 128  # without a target; a target's own block size with one
 WEIGHTINGS = ("relative", "stream", "raw", "kl")
 BUDGET_BPW_RANGE = (2.0, 8.0)
 UPGRADE_TRUST = 1.0  # allocate.planner.upgrade_choice; 1.5 helps only at a uniform format's own size (BENCHMARKS)
+UPGRADE_FADE = False  # allocate.planner.upgrade_choice: the step down to the previous base fades out
 
 
 DEFAULT_GRIDS = tuple((b, g) for b in (2, 3, 4, 5, 6) for g in (32, 64, 128)) + ((3, 256), (4, 256), (8, 128))
@@ -138,6 +139,7 @@ class Budget:
     allocator: str = "upgrade"
     weighting: str = "kl"
     trust: float = UPGRADE_TRUST  # upgrade: how much worse than under the uniform base a layer may get
+    fade: bool = UPGRADE_FADE  # upgrade: near a uniform format's size, layers may fall to the cheaper base's error
     refine_seconds: float = 0.0  # > 0: then search plans by measured KL for this long (allocate.evolve)
     refine_windows: int = 4
 
@@ -158,6 +160,8 @@ class Budget:
         if self.weighting not in WEIGHTINGS:
             raise LowbitError(f"unknown error weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         _finite(self.trust, "the upgrade allocator's trust (--trust)", 1.0, 100.0, "--trust 1.5")
+        if not isinstance(self.fade, bool):
+            raise LowbitError(f"fade (--fade) must be True or False, got {self.fade!r}")
         _finite(self.refine_seconds, "the refinement time (--refine, seconds)", 0.0, 1e9, "--refine 300")
         _positive_int(self.refine_windows, "the refinement windows (--refine-windows)")
 
@@ -241,6 +245,7 @@ class Recipe:
         allocator: str = "upgrade",
         weighting: str = "kl",
         trust: float = UPGRADE_TRUST,
+        fade: bool = UPGRADE_FADE,
         refine_seconds: float = 0.0,
         refine_windows: int = 4,
         keep: str | list[KeepRule] | tuple[KeepRule, ...] | None = None,
@@ -291,6 +296,7 @@ class Recipe:
                 allocator=allocator,
                 weighting=weighting,
                 trust=trust,
+                fade=fade,
                 refine_seconds=refine_seconds,
                 refine_windows=refine_windows,
             )

@@ -131,6 +131,37 @@ def test_upgrade_trust_lets_layers_step_down_a_little_to_pay_for_another_step_up
     assert 3 not in upgrade_choice(costs, errors, budget, trust=3.9)
 
 
+def test_upgrade_fade_keeps_the_cheaper_base_open_at_a_uniform_formats_own_size():
+    from lowbit.allocate.planner import upgrade_choice
+
+    # candidates: 0 coarse 3-bit (cost 9), 1 3-bit (cost 10), 2 4-bit (cost 12)
+    costs = [[9, 10, 12]] * 4
+    errors = [[1.2, 1.0, 0.3], [1.3, 1.0, 0.3], [1.1, 1.0, 0.3], [1.25, 1.0, 0.2]]
+
+    def proxy(choice):
+        return sum(e[j] for e, j in zip(errors, choice, strict=True))
+
+    # just below the 3-bit grid's size (40) the base is the coarse grid (36) and its spare bits
+    # lift layer 3 to 4 bits; at the size itself, without fade, the plan is the 3-bit grid: a cliff
+    below = upgrade_choice(costs, errors, 39)
+    assert below == [0, 0, 0, 2] and proxy(below) == pytest.approx(3.8)
+    assert upgrade_choice(costs, errors, 40) == [1, 1, 1, 1]
+    # with fade the step down stays open at the size, at its measured price: no worse than below
+    at = upgrade_choice(costs, errors, 40, fade=True)
+    assert at == [0, 1, 0, 2] and proxy(at) == pytest.approx(3.5)
+    for budget in range(40, 50):
+        faded, plain = upgrade_choice(costs, errors, budget, fade=True), upgrade_choice(costs, errors, budget)
+        assert sum(c[j] for c, j in zip(costs, faded, strict=True)) <= budget
+        # never worse on the proxy: the plain plan is open to it at its measured error
+        assert proxy(faded) <= proxy(plain) + 1e-12
+        if budget >= 44:  # one gap (40 - 36) above the size nothing is left of the fade
+            assert faded == plain
+    # halfway (t = 1/2) a step down counts twice: layers 0 and 2 coarsening (+0.2 and +0.1, counted
+    # +0.6) still pay for layer 1's 4 bits (-0.7)
+    assert upgrade_choice(costs, errors, 42, fade=True) == [0, 2, 0, 2]
+    assert upgrade_choice(costs, errors, 42) == [1, 1, 1, 2]
+
+
 @pytest.mark.parametrize("allocator", ["knapsack", "upgrade", "baq"])
 def test_a_candidate_some_layers_cannot_hold_is_a_choice_for_the_others_only(allocator):
     """Candidate 2 (a k-quant, say) is unmeasured (None) on two of three layers: no allocator

@@ -82,6 +82,9 @@ def test_upgrade_plan_keeps_every_layer_within_trust_of_the_uniform_base(tmp_pat
             1 + 1e-9
         )
         assert plan_for_budget(meas, bpw, "knapsack").predicted_error <= plan.predicted_error * (1 + 1e-9)
+        # fade only opens more choices, each at its measured error or dearer
+        faded = plan_for_budget(meas, bpw, "upgrade", trust=trust, fade=True)
+        assert faded.achieved_bpw <= bpw and faded.predicted_error <= plan.predicted_error * (1 + 1e-9)
     spare = plan_for_budget(meas, 4.25, "upgrade", trust=trust)
     assert len(set(spare.choice.values())) >= 2  # something was upgraded
 

@@ -89,7 +89,7 @@ def test_help_explains_options(capsys):
         main(["quantize", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--bits", "--group-size", "--sym", "--out", "--overwrite", "--clip-search", "--trust"):
+    for option in ("--bits", "--group-size", "--sym", "--out", "--overwrite", "--clip-search", "--trust", "--fade"):
         assert option in out
     from lowbit.recipe import UPGRADE_TRUST
 
@@ -178,7 +178,7 @@ def test_bad_eval_options_are_refused_before_the_model_is_read(capsys, tmp_path,
 
 def test_bpw_and_bits_with_a_decimal_point_are_one_budget_and_seqlen_spellings_agree():
     from lowbit.cli import build_parser, recipe_from_args
-    from lowbit.recipe import UPGRADE_TRUST
+    from lowbit.recipe import UPGRADE_FADE, UPGRADE_TRUST
 
     def recipe(*argv):
         return recipe_from_args(build_parser().parse_args(["quantize", "m", "--out", "o", *argv]))
@@ -188,6 +188,9 @@ def test_bpw_and_bits_with_a_decimal_point_are_one_budget_and_seqlen_spellings_a
     assert recipe("--bpw", "4").budget.bpw == 4.0  # --bpw is always a budget
     assert recipe("--bits", "3.5", "--trust", "1.4").budget.trust == 1.4
     assert recipe("--bits", "3.5").budget.trust == UPGRADE_TRUST
+    assert recipe("--bits", "3.5", "--fade").budget.fade is True
+    assert recipe("--bits", "3.5", "--no-fade").budget.fade is False
+    assert recipe("--bits", "3.5").budget.fade is UPGRADE_FADE
     assert recipe("--bits", "4").format.bits == 4 and recipe("--bits", "4").budget is None
     old, new = recipe("--bits", "4", "--seqlen", "256"), recipe("--bits", "4", "--calib-seqlen", "256")
     assert old.calibration.seqlen == new.calibration.seqlen == 256

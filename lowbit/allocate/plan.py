@@ -228,6 +228,7 @@ def allocate(
             weighting=budget.weighting,
             tied=targets.tied,
             trust=budget.trust,
+            fade=budget.fade,
         )
     else:  # pinned layers are in size.fixed_bytes already; the free linears share what is left
         linear_bits = size.linear_bits
@@ -247,6 +248,7 @@ def allocate(
             budget_bits=linear_bits,
             tied=targets.tied,
             trust=budget.trust,
+            fade=budget.fade,
         )
     planning_seconds = time.perf_counter() - t0
     refinement = None
@@ -273,6 +275,7 @@ def allocate(
         "planning_seconds": planning_seconds,
         "weighting": budget.weighting,
         "trust": budget.trust,
+        "fade": budget.fade,
         "refinement": refinement.to_dict() if refinement is not None else None,
     }
     return Plan(plan.formats, record)
@@ -308,7 +311,7 @@ def _choose_tables(
         errors.append([0.0, *(math.inf if e is None or c is None else e for e, c in held)])
     if allocator == "upgrade":
         extra = [0] * len(free) + [1] * len(names)
-        picks = upgrade_choice(costs, errors, size.linear_bits, extra=extra, trust=budget.trust)
+        picks = upgrade_choice(costs, errors, size.linear_bits, extra=extra, trust=budget.trust, fade=budget.fade)
     else:
         picks = held_solve(solve_mckp, costs, errors, size.linear_bits)
     return dict(zip(names, picks[len(free) :], strict=True)), probe.to_dict()

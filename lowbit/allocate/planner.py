@@ -10,7 +10,7 @@ from lowbit.allocate.knapsack import min_cost, solve_mckp
 from lowbit.allocate.sensitivity import Measurements, plan_formats
 from lowbit.errors import BudgetError
 from lowbit.formats import Format, format_from_dict
-from lowbit.recipe import ALLOCATORS, UPGRADE_TRUST
+from lowbit.recipe import ALLOCATORS, UPGRADE_FADE, UPGRADE_TRUST
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Allocation:
     total_numel: int = 0  # weights the budget is spread over, pinned layers included
     costs: dict[str, list[int]] = field(default_factory=dict)  # layer -> bits of each candidate, as budgeted
     trust: float = UPGRADE_TRUST  # the upgrade allocator's (upgrade_choice)
+    fade: bool = UPGRADE_FADE  # the upgrade allocator's (upgrade_choice)
 
     def with_choice(self, measurements: Measurements, choice: dict[str, int], weighting: str) -> Allocation:
         """The same budget with another choice (e.g. a refined one), its figures recomputed."""
@@ -78,6 +79,7 @@ def plan_for_budget(
     budget_bits: int | None = None,
     tied: list[tuple[str, ...]] | None = None,
     trust: float = UPGRADE_TRUST,
+    fade: bool = UPGRADE_FADE,
 ) -> Allocation:
     """The plan for `layers` (default: all measured) with the least summed measured error whose
     bpw, every scale and zero counted and pinned layers (`reserved_*`) included, stays within
@@ -85,7 +87,7 @@ def plan_for_budget(
     (Measurements.weighted_errors). Byte budgets pass each candidate's exact packed size as
     `costs` (bits) and the bits left for these layers as `budget_bits`. Each group in `tied`
     (layers an engine fuses, such as q/k/v for vLLM) gets one format, chosen as one item whose
-    cost and error are its members' sums. `trust` is the upgrade allocator's (upgrade_choice)."""
+    cost and error are its members' sums. `trust` and `fade` are the upgrade allocator's (upgrade_choice)."""
     if allocator not in ALLOCATORS:
         raise BudgetError(f"unknown allocator {allocator!r}; use one of {', '.join(ALLOCATORS)}")
     names = list(measurements.layers) if layers is None else layers
@@ -110,7 +112,7 @@ def plan_for_budget(
     if allocator == "knapsack":
         picks = held_solve(solve_mckp, item_costs, item_errors, budget)
     elif allocator == "upgrade":
-        picks = upgrade_choice(item_costs, item_errors, budget, trust=trust)
+        picks = upgrade_choice(item_costs, item_errors, budget, trust=trust, fade=fade)
     else:
 
         def baq(costs_, errors_, budget_):
@@ -142,6 +144,7 @@ def plan_for_budget(
         total_numel=total,
         costs=dict(zip(names, costs, strict=True)),
         trust=trust,
+        fade=fade,
     )
 
 
@@ -182,6 +185,7 @@ def upgrade_choice(
     budget: int,
     extra: list[int] | None = None,
     trust: float = UPGRADE_TRUST,
+    fade: bool = UPGRADE_FADE,
 ) -> list[int]:
     """The uniform candidate that fits with the least summed error, then the knapsack over the
     bits it leaves, each layer limited to candidates whose measured error is at most `trust`
@@ -190,6 +194,13 @@ def upgrade_choice(
     which made free mixed plans lose to uniform int4 near 4.25 bpw. With `trust` = 1 no layer
     gets worse than under the uniform plan, and at a uniform format's own size the plan is that
     format; above 1 a layer may step down a little (coarser groups) to pay for another's step up.
+
+    `fade` removes the cliff where a uniform format starts to fit: just below its size the plan
+    is the cheaper base's plus upgrades (smollm2 at 3.1608 bpw: KLD 0.573), at its size the
+    format itself (0.622). With `fade`, a layer may still fall to its error under that cheaper
+    base, at a price that rises from the measured error at the format's size to infinity one
+    base-to-base gap above it (`knapsack_errors`), so the plan's proxy changes continuously with
+    the budget.
 
     `extra[i]` leading candidates of item i (a table's float option) are not formats shared by
     every item: they take no part in choosing the uniform base, but stay open if no worse.
@@ -209,14 +220,48 @@ def upgrade_choice(
     fitting = [j for j, (cost, _) in totals.items() if cost <= budget]
     if not fitting:  # no single format fits everywhere: fall back to the free knapsack
         return held_solve(solve_mckp, costs, errors, budget)
-    base = min(fitting, key=lambda j: (totals[j][1], -totals[j][0]))
-    allowed = [[j for j in range(len(e)) if e[j] <= trust * e[base + x]] for _, e, x in items]
+    priced = knapsack_errors(items, totals, fitting, budget, trust, fade)
+    allowed = [[j for j, e in enumerate(es) if e < math.inf] for es in priced]
     picks = solve_mckp(
         [[c[j] for j in ok] for c, ok in zip(costs, allowed, strict=True)],
-        [[e[j] for j in ok] for e, ok in zip(errors, allowed, strict=True)],
+        [[e[j] for j in ok] for e, ok in zip(priced, allowed, strict=True)],
         budget,
     )
     return [ok[k] for ok, k in zip(allowed, picks, strict=True)]
+
+
+def knapsack_errors(
+    items: list[tuple[list[int], list[float], int]],
+    totals: dict[int, tuple[float, float]],
+    fitting: list[int],
+    budget: int,
+    trust: float,
+    fade: bool,
+) -> list[list[float]]:
+    """The errors the upgrade allocator's knapsack sees: a candidate's measured error up to
+    `trust` times the item's error under the base (the fitting uniform candidate with the least
+    summed error), inf above. With `fade`, and a previous base (the best uniform candidate
+    cheaper than the base): up to `trust` times the item's error under the previous base too,
+    the part above the free level counted 1/t times, t falling from 1 at the base's own size to
+    0 one gap (base's cost - previous base's) above it."""
+
+    def best(js: list[int]) -> int:
+        return min(js, key=lambda j: (totals[j][1], -totals[j][0]))
+
+    base = best(fitting)
+    free = [trust * e[base + x] for _, e, x in items]
+    cheaper = [j for j in fitting if totals[j][0] < totals[base][0]]
+    t = 0.0
+    if fade and cheaper:
+        previous = best(cheaper)
+        t = max(0.0, 1.0 - (budget - totals[base][0]) / (totals[base][0] - totals[previous][0]))
+    if t == 0.0:
+        return [[v if v <= top else math.inf for v in e] for (_, e, _), top in zip(items, free, strict=True)]
+    priced = []
+    for (_, e, x), top in zip(items, free, strict=True):
+        floor = trust * e[previous + x]
+        priced.append([v if v <= top else top + (v - top) / t if v <= floor else math.inf for v in e])
+    return priced
 
 
 def starting_plans(
@@ -244,6 +289,7 @@ def starting_plans(
                 costs=plan.costs,
                 budget_bits=plan.budget_bits,
                 trust=plan.trust,
+                fade=plan.fade,
             )
             starts[label] = other.choice
     n_cands = len(measurements.candidates)
