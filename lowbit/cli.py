@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="budget runs, upgrade allocator: near a uniform format's own size, let a layer fall back to its "
-        "error under the next cheaper uniform format, a freedom that fades out over one such gap above the size, "
-        "so a budget that just reaches a format gets no worse plan than one just below it (default: off)",
+        "error under the next cheaper uniform format, at a price that rises to infinity one such gap above the size, "
+        "so a budget that just reaches a format gets no worse plan than one just below it; only a cheaper format of "
+        "the same bit width (coarser groups) is kept open (default: on; --no-fade for the plain allocator)",
     )
     q.add_argument(
         "--refine",

@@ -109,8 +109,9 @@ def test_upgrade_never_trades_a_table_below_the_uniform_base_but_may_keep_it_in_
     extra = [0, 0, 1]
     # the free knapsack packs the table cheaply to buy a better linear (0.17 < 0.21 on the proxy)
     assert solve_mckp(costs, errors, 12)[2] == 1
-    # upgrade: the uniform base is the 4-bit format; the table may not go below it
-    assert upgrade_choice(costs, errors, 12, extra=extra) == [1, 1, 2]
+    # upgrade: the uniform base is the 4-bit format; the table may not go below it (the cheaper
+    # base is of another width, so fade keeps no step down open)
+    assert upgrade_choice(costs, errors, 12, extra=extra, widths=[2, 4, 6]) == [1, 1, 2]
     # float is never worse than the base, so it stays open when the bytes allow it
     assert upgrade_choice(costs, errors, 28, extra=extra) == [2, 2, 0]
 
@@ -143,14 +144,18 @@ def test_upgrade_fade_keeps_the_cheaper_base_open_at_a_uniform_formats_own_size(
 
     # just below the 3-bit grid's size (40) the base is the coarse grid (36) and its spare bits
     # lift layer 3 to 4 bits; at the size itself, without fade, the plan is the 3-bit grid: a cliff
-    below = upgrade_choice(costs, errors, 39)
+    below = upgrade_choice(costs, errors, 39, fade=False)
     assert below == [0, 0, 0, 2] and proxy(below) == pytest.approx(3.8)
-    assert upgrade_choice(costs, errors, 40) == [1, 1, 1, 1]
+    assert upgrade_choice(costs, errors, 40, fade=False) == [1, 1, 1, 1]
     # with fade the step down stays open at the size, at its measured price: no worse than below
-    at = upgrade_choice(costs, errors, 40, fade=True)
+    widths = [3, 3, 4]
+    at = upgrade_choice(costs, errors, 40, fade=True, widths=widths)
     assert at == [0, 1, 0, 2] and proxy(at) == pytest.approx(3.5)
+    # a cheaper base of another width (a bit less, where the proxy errs most) is not kept open
+    assert upgrade_choice(costs, errors, 40, fade=True, widths=[2, 3, 4]) == [1, 1, 1, 1]
     for budget in range(40, 50):
-        faded, plain = upgrade_choice(costs, errors, budget, fade=True), upgrade_choice(costs, errors, budget)
+        faded = upgrade_choice(costs, errors, budget, fade=True, widths=widths)
+        plain = upgrade_choice(costs, errors, budget, fade=False)
         assert sum(c[j] for c, j in zip(costs, faded, strict=True)) <= budget
         # never worse on the proxy: the plain plan is open to it at its measured error
         assert proxy(faded) <= proxy(plain) + 1e-12
@@ -158,8 +163,8 @@ def test_upgrade_fade_keeps_the_cheaper_base_open_at_a_uniform_formats_own_size(
             assert faded == plain
     # halfway (t = 1/2) a step down counts twice: layers 0 and 2 coarsening (+0.2 and +0.1, counted
     # +0.6) still pay for layer 1's 4 bits (-0.7)
-    assert upgrade_choice(costs, errors, 42, fade=True) == [0, 2, 0, 2]
-    assert upgrade_choice(costs, errors, 42) == [1, 1, 1, 2]
+    assert upgrade_choice(costs, errors, 42, fade=True, widths=widths) == [0, 2, 0, 2]
+    assert upgrade_choice(costs, errors, 42, fade=False) == [1, 1, 1, 2]
 
 
 @pytest.mark.parametrize("allocator", ["knapsack", "upgrade", "baq"])

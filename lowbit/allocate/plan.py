@@ -311,7 +311,10 @@ def _choose_tables(
         errors.append([0.0, *(math.inf if e is None or c is None else e for e, c in held)])
     if allocator == "upgrade":
         extra = [0] * len(free) + [1] * len(names)
-        picks = upgrade_choice(costs, errors, size.linear_bits, extra=extra, trust=budget.trust, fade=budget.fade)
+        widths = [f.bits for f in cands]
+        picks = upgrade_choice(
+            costs, errors, size.linear_bits, extra=extra, trust=budget.trust, fade=budget.fade, widths=widths
+        )
     else:
         picks = held_solve(solve_mckp, costs, errors, size.linear_bits)
     return dict(zip(names, picks[len(free) :], strict=True)), probe.to_dict()
