@@ -5,7 +5,8 @@ plan identical to one already quantized and evaluated has that run's KLD without
 For each run (an artifact directory beside its `lowbit quantize --json` output, as
 budget_frontier.py leaves them in WORK), the plan is recomputed from the same measurement file
 with the given allocator options and compared with the artifact's manifest layer by layer; the
-results file lists the runs, whether the plans agree, where they do not, and the runs' KLD.
+results file lists the runs, whether the plans agree, where they do not, the runs' KLD, and the
+summed proxy of the new plan and of the plain allocator's (`--trust 1 --no-fade`).
 
     .venv/bin/python benchmarks/plan_equivalence.py --measurements /tmp/frontier2/measurements.json \\
         --fade --runs /tmp/frontier2/b4.16928-kl-upgrade-t1.5 /tmp/frontier2/b4.25-kl-upgrade-t1.0 \\
@@ -34,6 +35,7 @@ def compare(meas: Measurements, run: Path, fade: bool, trust: float) -> dict:
     quantized = {n: format_from_dict(v["format"]).name for n, v in manifest["layers"].items()}
     bpw, allocator, weighting = budget["bpw"], budget["allocator"], budget["weighting"]
     plan = plan_for_budget(meas, bpw, allocator, weighting=weighting, trust=trust, fade=fade)
+    plain = plan_for_budget(meas, bpw, allocator, weighting=weighting, trust=1.0, fade=False)
     names = [format_from_dict(c).name for c in meas.candidates]
     planned = {n: names[j] for n, j in plan.choice.items()}
     differ = sorted(n for n in planned if quantized.get(n) != planned[n])
@@ -46,6 +48,8 @@ def compare(meas: Measurements, run: Path, fade: bool, trust: float) -> dict:
         "layers_differing": len(differ),
         "first_differences": [{"layer": n, "run": quantized.get(n), "new": planned[n]} for n in differ[:5]],
         "new_plan_formats": {f: list(planned.values()).count(f) for f in sorted(set(planned.values()))},
+        "new_plan_predicted_error": plan.predicted_error,  # the summed proxy, the run's weighting
+        "plain_plan_predicted_error": plain.predicted_error,  # --trust 1 --no-fade
         "run_kld": result["evaluation"]["kld"],
         "run_bits_per_weight": result["bits_per_weight"],
     }
