@@ -30,13 +30,18 @@ UPGRADE_FADE = True  # allocate.planner.upgrade_choice: a step down to the previ
 
 
 DEFAULT_GRIDS = tuple((b, g) for b in (2, 3, 4, 5, 6) for g in (32, 64, 128)) + ((3, 256), (4, 256), (8, 128))
+DEFAULT_LEVEL_GRIDS = ("nf3-g64", "nf3-g128", "nf4-g64", "nf4-g128")
 
 
 def default_candidates(symmetric: bool = False, scale_dtype: str = "float16") -> tuple[Format, ...]:
-    """Integer grids at 2-6 bits with groups of 32, 64 and 128, int8 g128, and groups of 256 at 3 and
-    4 bits: a plan at int3 g128's or int4 g128's own size can free bits by coarsening a layer's
-    groups, a far smaller step than a bit less (issue 16)."""
-    return tuple(IntFormat(b, g, symmetric, scale_dtype) for b, g in DEFAULT_GRIDS)
+    """Integer grids at 2-6 bits with groups of 32, 64 and 128, int8 g128, groups of 256 at 3 and
+    4 bits (a plan at int3 g128's or int4 g128's own size can free bits by coarsening a layer's
+    groups, a far smaller step than a bit less), and NormalFloat at 3 and 4 bits in groups of 64
+    and 128: on SmolLM2 the 4-bit plan at int4 g128's own size fell from KLD 0.146 to 0.110 with
+    them (BENCHMARKS.md). They run in lowbit's own runtime; an export target has its own list."""
+    ints = tuple(IntFormat(b, g, symmetric, scale_dtype) for b, g in DEFAULT_GRIDS)
+    levels = tuple(replace(parse_format(name), scale_dtype=scale_dtype) for name in DEFAULT_LEVEL_GRIDS)
+    return ints + levels
 
 
 def _candidates(target, symmetric: bool, scale_dtype: str) -> tuple[Format, ...]:
