@@ -185,6 +185,11 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows, commands = ([], []) if args.fresh else earlier(args.results)
+    for x in rows:  # the allocator settings as the run itself recorded them (rows of older scripts lack fade)
+        out = args.work / f"{x['run']}.json"
+        if x.get("kind") == "budget" and out.is_file() and out.stat().st_size:
+            budget = json.loads(out.read_text()).get("budget") or {}
+            x["trust"], x["fade"] = budget.get("trust", 1.0), budget.get("fade", False)
     for source in args.uniform_from:
         more, their = earlier(source)
         taken = {x["run"] for x in rows}
