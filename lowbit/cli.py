@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="budget runs, upgrade allocator: a layer may take a cheaper candidate whose measured error is at "
         "most R times its error under the uniform base, to pay for another layer's better one (default 1; "
-        "no layer worse than under the base). 1.5 helps at a uniform format's own size and hurts between "
-        "them (BENCHMARKS.md)",
+        "no layer worse than under the base). 1.5 helped at a uniform format's own size and hurt between "
+        "them; --fade does the first without the second (BENCHMARKS.md)",
     )
     q.add_argument(
         "--fade",

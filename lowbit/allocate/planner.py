@@ -198,7 +198,7 @@ def upgrade_choice(
     format; above 1 a layer may step down a little (coarser groups) to pay for another's step up.
 
     `fade` removes the cliff where a uniform format starts to fit: just below its size the plan
-    is the cheaper base's plus upgrades (smollm2 at 3.1608 bpw: KLD 0.573), at its size the
+    is the cheaper base's plus upgrades (smollm2 at 3.1608 bpw: KLD 0.582), at its size the
     format itself (0.622). With `fade`, a layer may still fall to its error under that cheaper
     base, at a price that rises from the measured error at the format's size to infinity one
     base-to-base gap above it (`knapsack_errors`), so the plan's proxy changes continuously with
@@ -245,10 +245,11 @@ def knapsack_errors(
 ) -> list[list[float]]:
     """The errors the upgrade allocator's knapsack sees: a candidate's measured error up to
     `trust` times the item's error under the base (the fitting uniform candidate with the least
-    summed error), inf above. With `fade`, and a previous base (the best uniform candidate
-    cheaper than the base and of its width, `widths` naming each shared candidate's): up to `trust` times the item's
-    error under the previous base too, the part above the free level counted 1/t times, t falling
-    from 1 at the base's own size to 0 one gap (base's cost - previous base's) above it."""
+    summed error), inf above. With `fade` and a previous base (the best uniform candidate that
+    is cheaper than the base and of its width, `widths[j]` being shared candidate j's): up to
+    `trust` times the item's error under the previous base too, the part above the free level
+    counted 1/t times, t falling from 1 at the base's own size to 0 one gap (base's cost -
+    previous base's) above it."""
 
     def best(js: list[int]) -> int:
         return min(js, key=lambda j: (totals[j][1], -totals[j][0]))
@@ -264,8 +265,8 @@ def knapsack_errors(
         return [[v if v <= top else math.inf for v in e] for (_, e, _), top in zip(items, free, strict=True)]
     priced = []
     for (_, e, x), top in zip(items, free, strict=True):
-        floor = trust * e[previous + x]
-        priced.append([v if v <= top else top + (v - top) / t if v <= floor else math.inf for v in e])
+        reach = trust * e[previous + x]
+        priced.append([v if v <= top else top + (v - top) / t if v <= reach else math.inf for v in e])
     return priced
 
 
