@@ -68,7 +68,10 @@ def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     between two others (int4 g256 between int3 g64 and int4 g128 on smollm2) is not on it: mixing
     those two layer by layer would be expected to do at least as well at its size."""
     hull: list[tuple[float, float]] = []
-    for p in sorted(points):
+    lowest: dict[float, float] = {}
+    for x, y in points:  # of two formats of the same size only the better can be on it
+        lowest[x] = min(y, lowest.get(x, y))
+    for p in sorted(lowest.items()):
         while len(hull) >= 2:
             (x0, y0), (x1, y1) = hull[-2], hull[-1]
             if (x1 - x0) * (p[1] - y0) - (y1 - y0) * (p[0] - x0) <= 0:  # hull[-1] on or above the chord
