@@ -109,9 +109,9 @@ def test_upgrade_never_trades_a_table_below_the_uniform_base_but_may_keep_it_in_
     extra = [0, 0, 1]
     # the free knapsack packs the table cheaply to buy a better linear (0.17 < 0.21 on the proxy)
     assert solve_mckp(costs, errors, 12)[2] == 1
-    # upgrade: the uniform base is the 4-bit format; the table may not go below it (the cheaper
-    # base is of another width, so fade keeps no step down open)
-    assert upgrade_choice(costs, errors, 12, extra=extra, widths=[2, 4, 6]) == [1, 1, 2]
+    # upgrade: the uniform base is the 4-bit format; the table may not go below it (without fade:
+    # at the base's own size fade keeps the step down to 2 bits open, tested below)
+    assert upgrade_choice(costs, errors, 12, extra=extra, fade=False) == [1, 1, 2]
     # float is never worse than the base, so it stays open when the bytes allow it
     assert upgrade_choice(costs, errors, 28, extra=extra) == [2, 2, 0]
 
@@ -151,8 +151,6 @@ def test_upgrade_fade_keeps_the_cheaper_base_open_at_a_uniform_formats_own_size(
     widths = [3, 3, 4]
     at = upgrade_choice(costs, errors, 40, fade=True, widths=widths)
     assert at == [0, 1, 0, 2] and proxy(at) == pytest.approx(3.5)
-    # a cheaper base of another width (a bit less, where the proxy errs most) is not kept open
-    assert upgrade_choice(costs, errors, 40, fade=True, widths=[2, 3, 4]) == [1, 1, 1, 1]
     for budget in range(40, 50):
         faded = upgrade_choice(costs, errors, budget, fade=True, widths=widths)
         plain = upgrade_choice(costs, errors, budget, fade=False)
@@ -165,6 +163,42 @@ def test_upgrade_fade_keeps_the_cheaper_base_open_at_a_uniform_formats_own_size(
     # +0.6) still pay for layer 1's 4 bits (-0.7)
     assert upgrade_choice(costs, errors, 42, fade=True, widths=widths) == [0, 2, 0, 2]
     assert upgrade_choice(costs, errors, 42, fade=False) == [1, 1, 1, 2]
+
+
+def test_upgrade_fade_across_a_bit_ends_where_the_next_uniform_format_fits():
+    from lowbit.allocate.planner import fade_window, upgrade_choice
+
+    # candidates: 0 2-bit (cost 8), 1 3-bit (cost 10), 2 finer 3-bit (cost 11), 3 4-bit (cost 13)
+    costs = [[8, 10, 11, 13]] * 4
+    errors = [[1.2, 1.0, 0.9, 0.3], [1.2, 1.0, 0.9, 0.3], [3.0, 1.0, 0.9, 0.3], [3.0, 1.0, 0.9, 0.2]]
+    widths = [2, 3, 3, 4]
+
+    def proxy(choice):
+        return sum(e[j] for e, j in zip(errors, choice, strict=True))
+
+    # just below the 3-bit grid's size (40) the plan is the 2-bit base plus upgrades (3.6); at the
+    # size, the first 3-bit format to fit, the plain allocator jumps to the bare 3-bit grid (4.0)
+    below = upgrade_choice(costs, errors, 39, fade=False)
+    assert below == [0, 0, 1, 3] and proxy(below) == pytest.approx(3.6)
+    assert upgrade_choice(costs, errors, 40, fade=False) == [1, 1, 1, 1]
+    # fade keeps the 2-bit step open there at its measured price: no worse than just below
+    at = upgrade_choice(costs, errors, 40, fade=True, widths=widths)
+    assert at == [0, 0, 2, 3] and proxy(at) == pytest.approx(3.5)
+    for budget in range(40, 52):
+        faded = upgrade_choice(costs, errors, budget, fade=True, widths=widths)
+        plain = upgrade_choice(costs, errors, budget, fade=False)
+        assert sum(c[j] for c, j in zip(costs, faded, strict=True)) <= budget
+        assert proxy(faded) <= proxy(plain) + 1e-12
+        if budget >= 44:  # gone once the next uniform format fits
+            assert 0 not in faded
+    # a bit less fades over the bits until the next uniform format fits (44 - 40), not the whole
+    # base-to-base gap (40 - 32) that a coarser grid of the same width would get
+    totals = {j: (4 * costs[0][j], sum(e[j] for e in errors)) for j in range(4)}
+    assert fade_window(totals, [0, 1], 1, widths) == (0, 4)
+    assert fade_window(totals, [0, 1], 1, [3, 3, 3, 4]) == (0, 8)
+    assert fade_window(totals, [0], 0, widths) == (None, 0.0)
+    # without widths nothing fades
+    assert upgrade_choice(costs, errors, 40, fade=True) == [1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("allocator", ["knapsack", "upgrade", "baq"])

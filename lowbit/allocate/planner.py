@@ -202,9 +202,9 @@ def upgrade_choice(
     format itself (0.622). With `fade`, a layer may still fall to its error under that cheaper
     base, at a price that rises from the measured error at the format's size to infinity one
     base-to-base gap above it (`knapsack_errors`), so the plan's proxy changes continuously with
-    the budget. Only a cheaper base of the same bit width (`widths[j]`: shared candidate j's) is
-    kept open: coarser groups cost end to end about what the proxy says, a bit less far more (a
-    3.156 bpw plan with 21 int2 layers lost to uniform int3 g128).
+    the budget. A cheaper base of the same bit width (`widths[j]`: shared candidate j's) is kept
+    open one base-to-base gap; one of another width only until the next uniform candidate fits
+    (`fade_window`).
 
     `extra[i]` leading candidates of item i (a table's float option) are not formats shared by
     every item: they take no part in choosing the uniform base, but stay open if no worse.
@@ -245,22 +245,18 @@ def knapsack_errors(
 ) -> list[list[float]]:
     """The errors the upgrade allocator's knapsack sees: a candidate's measured error up to
     `trust` times the item's error under the base (the fitting uniform candidate with the least
-    summed error), inf above. With `fade` and a previous base (the best uniform candidate that
-    is cheaper than the base and of its width, `widths[j]` being shared candidate j's): up to
-    `trust` times the item's error under the previous base too, the part above the free level
-    counted 1/t times, t falling from 1 at the base's own size to 0 one gap (base's cost -
-    previous base's) above it."""
+    summed error), inf above. With `fade` and a previous base (the one the plan had just below
+    the base's size): up to `trust` times the item's error under the previous base too, the part
+    above the free level counted 1/t times, t falling from 1 at the base's own size to 0 one
+    window above it (`fade_window`)."""
 
-    def best(js: list[int]) -> int:
-        return min(js, key=lambda j: (totals[j][1], -totals[j][0]))
-
-    base = best(fitting)
+    base = best_base(totals, fitting)
     free = [trust * e[base + x] for _, e, x in items]
-    cheaper = [j for j in fitting if widths and widths[j] == widths[base] and totals[j][0] < totals[base][0]]
-    t = 0.0
-    if fade and cheaper:
-        previous = best(cheaper)
-        t = max(0.0, 1.0 - (budget - totals[base][0]) / (totals[base][0] - totals[previous][0]))
+    t, previous = 0.0, None
+    if fade and widths:
+        previous, window = fade_window(totals, fitting, base, widths)
+        if previous is not None:
+            t = max(0.0, 1.0 - (budget - totals[base][0]) / window)
     if t == 0.0:
         return [[v if v <= top else math.inf for v in e] for (_, e, _), top in zip(items, free, strict=True)]
     priced = []
@@ -268,6 +264,38 @@ def knapsack_errors(
         reach = trust * e[previous + x]
         priced.append([v if v <= top else top + (v - top) / t if v <= reach else math.inf for v in e])
     return priced
+
+
+def best_base(totals: dict[int, tuple[float, float]], js: list[int]) -> int:
+    """Of uniform candidates `js`, the one with the least summed error (of equals, the dearer)."""
+    return min(js, key=lambda j: (totals[j][1], -totals[j][0]))
+
+
+def fade_window(
+    totals: dict[int, tuple[float, float]], fitting: list[int], base: int, widths: list[int]
+) -> tuple[int | None, float]:
+    """The previous base the fade keeps open above `base`'s size, and over how many bits it fades.
+
+    Of the base's own width (`widths[j]`: shared candidate j's bits), the best cheaper uniform
+    candidate, over the whole base-to-previous gap: coarser groups cost end to end about what the
+    proxy says. When the base is the first of its width to fit, the best cheaper one of any width
+    (the plan just below used it; without it the plan would jump from that mix to the bare new
+    width, smollm2 at int3 g256's 3.093 bpw), but only until the next dearer uniform candidate
+    fits: a bit less costs more downstream than the proxy says (a 3.156 bpw plan with 21 int2
+    layers lost to uniform int3 g128), so it is not kept open a whole gap of half a bit."""
+
+    cost = totals[base][0]
+    cheaper = [j for j in fitting if totals[j][0] < cost]
+    same = [j for j in cheaper if widths[j] == widths[base]]
+    if same:
+        previous = best_base(totals, same)
+        return previous, cost - totals[previous][0]
+    if not cheaper:
+        return None, 0.0
+    previous = best_base(totals, cheaper)
+    gap = cost - totals[previous][0]
+    dearer = [c for c, _ in totals.values() if cost < c < math.inf]
+    return previous, min(gap, min(dearer) - cost) if dearer else gap
 
 
 def starting_plans(
