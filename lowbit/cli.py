@@ -165,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="budget runs, upgrade allocator: near a uniform format's own size, let a layer fall back to its "
-        "error under the next cheaper uniform format, at a price that rises to infinity one such gap above the size, "
-        "so a budget that just reaches a format gets no worse plan than one just below it; only a cheaper format of "
-        "the same bit width (coarser groups) is kept open (default: on; --no-fade for the plain allocator)",
+        "error under the base the plan had just below that size, at a price that rises to infinity above it (one "
+        "base-to-base gap for coarser groups of the same bit width, only until the next uniform format fits for a "
+        "bit less), so a budget that just reaches a format gets no worse plan than one just below it "
+        "(default: on; --no-fade for the plain allocator)",
     )
     q.add_argument(
         "--refine",

@@ -26,7 +26,7 @@ DEFAULT_GROUP = 128  # without a target; a target's own block size with one
 WEIGHTINGS = ("relative", "stream", "raw", "kl")
 BUDGET_BPW_RANGE = (2.0, 8.0)
 UPGRADE_TRUST = 1.0  # allocate.planner.upgrade_choice; 1.5 helps only at a uniform format's own size (BENCHMARKS)
-UPGRADE_FADE = True  # allocate.planner.upgrade_choice: a step down to the previous base of the same width, fading out
+UPGRADE_FADE = True  # allocate.planner.upgrade_choice: a step down to the previous base, fading out
 
 
 DEFAULT_GRIDS = tuple((b, g) for b in (2, 3, 4, 5, 6) for g in (32, 64, 128)) + ((3, 256), (4, 256), (8, 128))
