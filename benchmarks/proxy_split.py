@@ -49,6 +49,13 @@ def split(meas: Measurements, run: Path, weighting: str) -> dict:
     }
 
 
+def kl_scales(meas: Measurements) -> dict[str, dict[int, float]]:
+    """The `kl` weighting's KL per unit of error, per layer role and bit width (one per width:
+    the probe measures a width once, by its coarsest-group candidate)."""
+    bits = [format_from_dict(c).bits for c in meas.candidates]
+    return {role: {b: scale[bits.index(b)] for b in sorted(set(bits))} for role, scale in (meas.kl_scale or {}).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measurements", type=Path, required=True)
@@ -63,6 +70,7 @@ def main() -> None:
         "command": shlex.join(sys.argv),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "weighting": args.weighting,
+        "kl_scale_by_role_and_bits": kl_scales(meas),
         "rows": rows,
     }
     args.out.write_text(json.dumps(record, indent=1))
