@@ -132,6 +132,24 @@ def test_upgrade_trust_lets_layers_step_down_a_little_to_pay_for_another_step_up
     assert 3 not in upgrade_choice(costs, errors, budget, trust=3.9)
 
 
+def _proxy(errors: list[list[float]], choice: list[int]) -> float:
+    return sum(e[j] for e, j in zip(errors, choice, strict=True))
+
+
+def _faded_plans(costs, errors, widths, budgets):
+    """(budget, plan with fade, plain plan) at each budget, the faded plan checked to stay within
+    the budget and to be never worse on the proxy than the plain one (which is open to it at
+    its measured error)."""
+    from lowbit.allocate.planner import upgrade_choice
+
+    for budget in budgets:
+        faded = upgrade_choice(costs, errors, budget, fade=True, widths=widths)
+        plain = upgrade_choice(costs, errors, budget, fade=False)
+        assert sum(c[j] for c, j in zip(costs, faded, strict=True)) <= budget
+        assert _proxy(errors, faded) <= _proxy(errors, plain) + 1e-12
+        yield budget, faded, plain
+
+
 def test_upgrade_fade_keeps_the_cheaper_base_open_at_a_uniform_formats_own_size():
     from lowbit.allocate.planner import upgrade_choice
 
@@ -139,24 +157,16 @@ def test_upgrade_fade_keeps_the_cheaper_base_open_at_a_uniform_formats_own_size(
     costs = [[9, 10, 12]] * 4
     errors = [[1.2, 1.0, 0.3], [1.3, 1.0, 0.3], [1.1, 1.0, 0.3], [1.25, 1.0, 0.2]]
 
-    def proxy(choice):
-        return sum(e[j] for e, j in zip(errors, choice, strict=True))
-
     # just below the 3-bit grid's size (40) the base is the coarse grid (36) and its spare bits
     # lift layer 3 to 4 bits; at the size itself, without fade, the plan is the 3-bit grid: a cliff
     below = upgrade_choice(costs, errors, 39, fade=False)
-    assert below == [0, 0, 0, 2] and proxy(below) == pytest.approx(3.8)
+    assert below == [0, 0, 0, 2] and _proxy(errors, below) == pytest.approx(3.8)
     assert upgrade_choice(costs, errors, 40, fade=False) == [1, 1, 1, 1]
     # with fade the step down stays open at the size, at its measured price: no worse than below
     widths = [3, 3, 4]
     at = upgrade_choice(costs, errors, 40, fade=True, widths=widths)
-    assert at == [0, 1, 0, 2] and proxy(at) == pytest.approx(3.5)
-    for budget in range(40, 50):
-        faded = upgrade_choice(costs, errors, budget, fade=True, widths=widths)
-        plain = upgrade_choice(costs, errors, budget, fade=False)
-        assert sum(c[j] for c, j in zip(costs, faded, strict=True)) <= budget
-        # never worse on the proxy: the plain plan is open to it at its measured error
-        assert proxy(faded) <= proxy(plain) + 1e-12
+    assert at == [0, 1, 0, 2] and _proxy(errors, at) == pytest.approx(3.5)
+    for budget, faded, plain in _faded_plans(costs, errors, widths, range(40, 50)):
         if budget >= 44:  # one gap (40 - 36) above the size nothing is left of the fade
             assert faded == plain
     # halfway (t = 1/2) a step down counts twice: layers 0 and 2 coarsening (+0.2 and +0.1, counted
@@ -173,22 +183,15 @@ def test_upgrade_fade_across_a_bit_ends_where_the_next_uniform_format_fits():
     errors = [[1.2, 1.0, 0.9, 0.3], [1.2, 1.0, 0.9, 0.3], [3.0, 1.0, 0.9, 0.3], [3.0, 1.0, 0.9, 0.2]]
     widths = [2, 3, 3, 4]
 
-    def proxy(choice):
-        return sum(e[j] for e, j in zip(errors, choice, strict=True))
-
     # just below the 3-bit grid's size (40) the plan is the 2-bit base plus upgrades (3.6); at the
     # size, the first 3-bit format to fit, the plain allocator jumps to the bare 3-bit grid (4.0)
     below = upgrade_choice(costs, errors, 39, fade=False)
-    assert below == [0, 0, 1, 3] and proxy(below) == pytest.approx(3.6)
+    assert below == [0, 0, 1, 3] and _proxy(errors, below) == pytest.approx(3.6)
     assert upgrade_choice(costs, errors, 40, fade=False) == [1, 1, 1, 1]
     # fade keeps the 2-bit step open there at its measured price: no worse than just below
     at = upgrade_choice(costs, errors, 40, fade=True, widths=widths)
-    assert at == [0, 0, 2, 3] and proxy(at) == pytest.approx(3.5)
-    for budget in range(40, 52):
-        faded = upgrade_choice(costs, errors, budget, fade=True, widths=widths)
-        plain = upgrade_choice(costs, errors, budget, fade=False)
-        assert sum(c[j] for c, j in zip(costs, faded, strict=True)) <= budget
-        assert proxy(faded) <= proxy(plain) + 1e-12
+    assert at == [0, 0, 2, 3] and _proxy(errors, at) == pytest.approx(3.5)
+    for budget, faded, _plain in _faded_plans(costs, errors, widths, range(40, 52)):
         if budget >= 44:  # gone once the next uniform format fits
             assert 0 not in faded
     # a bit less fades over the bits until the next uniform format fits (44 - 40), not the whole
