@@ -23,23 +23,22 @@ import contextlib
 import sys
 from pathlib import Path
 
-from lowbit import cli
-from lowbit.allocate.sensitivity import Measurements
-from lowbit.formats import format_from_dict
+sys.path.insert(0, str(Path(__file__).parent))
+from proxy_curve import uniform_sizes  # noqa: E402
+
+from lowbit import cli  # noqa: E402
+from lowbit.allocate.sensitivity import Measurements  # noqa: E402
+from lowbit.formats import format_from_dict  # noqa: E402
 
 
 def patch(budget: float, price: float, measurements: Path) -> int:
     """Price the candidates narrower than the budget's width; returns that width."""
     meas = Measurements.load(measurements)
     bits = [format_from_dict(c).bits for c in meas.candidates]
-    total = sum(r["numel"] for r in meas.layers.values())
-    sizes = {
-        j: sum(r["costs"][j] for r in meas.layers.values()) / total
-        for j in range(len(bits))
-        if all(r["costs"][j] is not None for r in meas.layers.values())
-    }
-    above = [j for j, s in sizes.items() if s >= budget - 1e-12]
-    width = bits[min(above, key=sizes.get)] if above else max(bits) + 1
+    names = [format_from_dict(c).name for c in meas.candidates]
+    sizes = uniform_sizes(meas)
+    above = [n for n, s in sizes.items() if s >= budget - 1e-12]
+    width = bits[names.index(min(above, key=sizes.get))] if above else max(bits) + 1
     measured = Measurements.weighted_errors
 
     def priced(self, name: str, weighting: str = "relative") -> list[float]:

@@ -28,11 +28,16 @@ from lowbit.allocate.sensitivity import Measurements
 from lowbit.formats import format_from_dict
 
 
+def run_formats(run: Path) -> dict[str, str]:
+    """A finished run's plan: each quantized layer's format name, from the artifact's manifest."""
+    manifest = json.loads((run / "lowbit_manifest.json").read_text())
+    return {n: format_from_dict(v["format"]).name for n, v in manifest["layers"].items()}
+
+
 def compare(meas: Measurements, run: Path, fade: bool, trust: float) -> dict:
     result = json.loads((run.parent / f"{run.name}.json").read_text())
     budget = result["budget"]
-    manifest = json.loads((run / "lowbit_manifest.json").read_text())
-    quantized = {n: format_from_dict(v["format"]).name for n, v in manifest["layers"].items()}
+    quantized = run_formats(run)
     bpw, allocator, weighting = budget["bpw"], budget["allocator"], budget["weighting"]
     plan = plan_for_budget(meas, bpw, allocator, weighting=weighting, trust=trust, fade=fade)
     plain = plan_for_budget(meas, bpw, allocator, weighting=weighting, trust=1.0, fade=False)

@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-import lowbit
+sys.path.insert(0, str(Path(__file__).parent))
+from plan_equivalence import run_formats  # noqa: E402
+
+import lowbit  # noqa: E402
 from lowbit.allocate.kl_probe import _ProbeWalk, _RoundingError, _swapped, probe_windows
 from lowbit.allocate.sensitivity import Measurements
 from lowbit.data import calibration_data
@@ -76,9 +79,8 @@ class PlanProbe(_ProbeWalk):
 
 
 def plan_of(run: Path, meas: Measurements, names: list[str]) -> dict[str, int]:
-    manifest = json.loads((run / "lowbit_manifest.json").read_text())
-    layers = manifest["layers"]
-    return {n: names.index(format_from_dict(layers[n]["format"]).name) for n in meas.layers}
+    formats = run_formats(run)
+    return {n: names.index(formats[n]) for n in meas.layers}
 
 
 def main() -> None:

@@ -22,20 +22,23 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from lowbit.allocate.sensitivity import Measurements
-from lowbit.formats import format_from_dict
+sys.path.insert(0, str(Path(__file__).parent))
+from plan_equivalence import run_formats  # noqa: E402
+
+from lowbit.allocate.sensitivity import Measurements  # noqa: E402
+from lowbit.formats import format_from_dict  # noqa: E402
 
 
 def split(meas: Measurements, run: Path, weighting: str) -> dict:
     names = [format_from_dict(c).name for c in meas.candidates]
-    manifest = json.loads((run / "lowbit_manifest.json").read_text())
+    bits = [format_from_dict(c).bits for c in meas.candidates]
     result = json.loads((run.parent / f"{run.name}.json").read_text())
     by_width: dict[int, float] = defaultdict(float)
     layers: dict[int, int] = defaultdict(int)
-    for name, layer in manifest["layers"].items():
-        fmt = format_from_dict(layer["format"])
-        by_width[fmt.bits] += meas.weighted_errors(name, weighting)[names.index(fmt.name)]
-        layers[fmt.bits] += 1
+    for name, fmt in run_formats(run).items():
+        j = names.index(fmt)
+        by_width[bits[j]] += meas.weighted_errors(name, weighting)[j]
+        layers[bits[j]] += 1
     proxy = sum(by_width.values())
     kld = result["evaluation"]["kld"]
     return {
