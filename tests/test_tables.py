@@ -122,8 +122,15 @@ def test_a_size_below_the_float_tables_packs_them_and_the_artifact_reloads(tmp_p
     with pytest.raises(BudgetError):
         lowbit.quantize(copy.deepcopy(model), size_bytes=size, keep=keep, **KW)
     q = lowbit.quantize(copy.deepcopy(model), size_bytes=size, **KW)
-    tables = q.lowbit_info.settings["budget"]["tables"]
+    budget = q.lowbit_info.settings["budget"]
+    tables = budget["tables"]
     assert tables and all(f is not None for f in tables.values())
+    # the summed prediction counts the packed tables' probed KL (kl weighting: KL itself)
+    table_kl = budget["table_probe"]["table_kl"]
+    assert budget["weighting"] == "kl"
+    expected = sum(table_kl[n][budget["candidates"].index(f)] for n, f in tables.items())
+    assert expected > 0 and budget["predicted_error_tables"] == pytest.approx(expected)
+    assert budget["predicted_error"] > budget["predicted_error_tables"]
     assert isinstance(q.get_input_embeddings(), QuantizedEmbedding)
     assert isinstance(q.get_output_embeddings(), QuantizedLinear)
     if arch == "gpt2":  # tied: one set of packed tensors serves both

@@ -216,6 +216,7 @@ def allocate(
     t0 = time.perf_counter()
     table_choice: dict[str, int] = {}
     table_probe = None
+    table_error = 0.0
     if size is None:
         bpw = budget.bpw
         allocation = plan_for_budget(
@@ -233,7 +234,7 @@ def allocate(
     else:  # pinned layers are in size.fixed_bytes already; the free linears share what is left
         linear_bits = size.linear_bits
         if size.tables:
-            table_choice, table_probe = _choose_tables(
+            table_choice, table_probe, table_error = _choose_tables(
                 model, measurements, free, size, cands, windows, budget, progress
             )
             linear_bits -= sum(size.table_costs[n][j] for n, j in table_choice.items())
@@ -268,7 +269,9 @@ def allocate(
         "table_probe": table_probe,
         "achieved_bpw": allocation.achieved_bpw,
         "allocator": budget.allocator,
-        "predicted_error": allocation.predicted_error,
+        # the tables' terms too: a plan that saves bytes on the head reads as what it costs
+        "predicted_error": allocation.predicted_error + table_error,
+        "predicted_error_tables": table_error,
         "formats": Plan({**fixed, **allocation.formats}).format_counts(),
         "candidates": [f.to_dict() for f in cands],
         "candidates_dropped": dict(targets.dropped),
@@ -290,7 +293,7 @@ def _choose_tables(
     windows,
     budget: Budget,
     progress: bool,
-) -> tuple[dict[str, int], dict]:
+) -> tuple[dict[str, int], dict, float]:
     """Float (0) or a candidate (1 + its index) for the embedding and head: one knapsack over
     them and the linears together, so a table is packed exactly when that buys more than the
     same bytes spent on the linears. The tables' errors are their measured KL put in the
@@ -298,7 +301,7 @@ def _choose_tables(
     to IQ4_NL where Q8_0 would have cut KLD from 0.116 to 0.023. Under the `upgrade`
     allocator no table may be worse than under the best uniform format that fits everything.
     Under the `kl` weighting the linears' errors are KL already and a table's is its KL.
-    Returns the choice and the probe's account."""
+    Returns the choice, the probe's account and the chosen tables' summed error (the linears' units)."""
     names = list(size.table_costs)
     allocator, weighting = budget.allocator, budget.weighting
     costs = [size.costs[n] for n in free] + [size.table_costs[n] for n in names]
@@ -317,4 +320,6 @@ def _choose_tables(
         )
     else:
         picks = held_solve(solve_mckp, costs, errors, size.linear_bits)
-    return dict(zip(names, picks[len(free) :], strict=True)), probe.to_dict()
+    chosen = dict(zip(names, picks[len(free) :], strict=True))
+    table_error = sum(errors[len(free) + k][chosen[n]] for k, n in enumerate(names))
+    return chosen, probe.to_dict(), table_error
