@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -32,9 +33,16 @@ from lowbit.allocate.sensitivity import Measurements  # noqa: E402
 from lowbit.formats import format_from_dict  # noqa: E402
 
 
-def patch(budget: float, price: float, measurements: Path, only: set[str] | None = None) -> int:
-    """Price the candidates narrower than the budget's width (and, with `only`, make every other
-    candidate impossible); returns that width."""
+def patch(
+    budget: float,
+    price: float,
+    measurements: Path,
+    only: set[str] | None = None,
+    factors: dict[str, float] | None = None,
+) -> int:
+    """Price the candidates narrower than the budget's width (with `only`, make every other
+    candidate impossible; with `factors`, scale each layer's errors by its own factor, as
+    layer_probe.py measured them); returns that width."""
     meas = Measurements.load(measurements)
     bits = [format_from_dict(c).bits for c in meas.candidates]
     names = [format_from_dict(c).name for c in meas.candidates]
@@ -44,7 +52,8 @@ def patch(budget: float, price: float, measurements: Path, only: set[str] | None
     measured = Measurements.weighted_errors
 
     def priced(self, name: str, weighting: str = "relative") -> list[float]:
-        errors = [e * price if bits[j] < width else e for j, e in enumerate(measured(self, name, weighting))]
+        factor = factors.get(name, 1.0) if factors else 1.0
+        errors = [e * factor * (price if bits[j] < width else 1) for j, e in enumerate(measured(self, name, weighting))]
         return [e if only is None or names[j] in only else math.inf for j, e in enumerate(errors)]
 
     Measurements.weighted_errors = priced
@@ -58,12 +67,18 @@ def main() -> None:
     ap.add_argument("--price", type=float, required=True, help="M: narrow layers' errors count M times")
     ap.add_argument("--candidates", required=True, help="the measurement file's candidates, in its order")
     ap.add_argument("--only", help="comma-separated candidate names: every other one is impossible while planning")
+    ap.add_argument("--layer-factors", type=Path, help="a layer_probe.py results file: each layer's factor")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
-    width = patch(args.bits, args.price, args.work / "measurements.json", only)
+    factors = None
+    if args.layer_factors:
+        factors = {n: r["factor"] for n, r in json.loads(args.layer_factors.read_text())["layers"].items()}
+    width = patch(args.bits, args.price, args.work / "measurements.json", only, factors)
     name = f"b{args.bits:g}-kl-upgrade-nf-narrow{args.price:g}"
     if only:
         name += "-only-" + "+".join(sorted(only))
+    if factors:
+        name += "-layerfactors"
     print(f"=== {name}: layers narrower than {width} bits priced x{args.price:g}", file=sys.stderr)
     argv = ["quantize", "smollm2-135m", "--bits", str(args.bits), "--weighting", "kl", "--allocator", "upgrade"]
     argv += ["--candidates", args.candidates, "--measurements", str(args.work / "measurements.json")]
