@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from lowbit.activations import Offload
-from lowbit.allocate.kl_probe import probe_roles
+from lowbit.allocate.kl_probe import layer_probe_candidate, probe_layers, probe_roles
 from lowbit.allocate.plan import Plan, Targets, allocate, find_targets
-from lowbit.allocate.sensitivity import measurements_for
+from lowbit.allocate.sensitivity import measure, measurements_for
 from lowbit.data import calibration_data
 from lowbit.devices import resolve_device
 from lowbit.dtypes import DTYPES
@@ -166,10 +166,14 @@ def _plan(
         offload=offload,
     )
     probe_seconds = None
-    if budget.weighting == "kl" and not meas.kl_scale:
+    if budget.weighting == "kl" and not (meas.kl_scale and meas.kl_layer):
         t0 = time.perf_counter()
         relative = {n: meas.weighted_errors(n, "relative") for n in meas.layers}
-        meas.kl_scale = probe_roles(model, relative, list(targets.candidates), windows, progress)
+        cands = list(targets.candidates)
+        if not meas.kl_scale:
+            meas.kl_scale = probe_roles(model, relative, cands, windows, progress)
+        solved = _layer_probe_weights(model, adapter, relative, cands, windows, recipe, progress, device, offload)
+        meas.kl_layer = probe_layers(model, relative, cands, windows, meas.kl_scale, solved, progress)
         probe_seconds = time.perf_counter() - t0
         if path is not None:
             meas.save(path)
@@ -178,6 +182,31 @@ def _plan(
     account = {**plan.budget, "measurement_seconds": meas.seconds, "measurements_reused": reused}
     account["kl_probe_seconds"] = probe_seconds  # None: not needed, or saved with the measurements
     return replace(plan, budget=account)
+
+
+def _layer_probe_weights(
+    model, adapter, relative: dict[str, list[float]], cands, windows, recipe: Recipe, progress, device, offload
+) -> dict[str, torch.Tensor]:
+    """Each linear's GPTQ solution at the candidate the layer probe replaces it with: a measurement
+    pass over just those candidates that keeps the weights (the saved measurements hold errors only)."""
+    chosen = {n: layer_probe_candidate(e, cands) for n, e in relative.items()}
+    used = sorted({j for j in chosen.values() if j is not None})
+    if not used:
+        return {}
+    solved = measure(
+        model,
+        adapter,
+        list(relative),
+        [cands[j] for j in used],
+        windows,
+        recipe.solver,
+        progress,
+        keep_weights="all",
+        device=device,
+        offload=offload,
+    )
+    bank = solved.bank or {}
+    return {n: bank[n][used.index(j)] for n, j in chosen.items() if j is not None and used.index(j) in bank.get(n, {})}
 
 
 def _held_out_windows(tokenizer, recipe: Recipe, windows: torch.Tensor, n: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from conftest import make_tiny_model
 
 import lowbit
 from lowbit.allocate import Measurements
-from lowbit.allocate.kl_probe import probe_roles, probe_windows
+from lowbit.allocate.kl_probe import layer_probe_candidate, probe_layers, probe_roles, probe_windows
 from lowbit.allocate.sensitivity import layer_role
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import evaluate_windows
@@ -90,6 +90,7 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
     assert budget["weighting"] == "kl" and q.lowbit_info.bits_per_weight <= 3.5
     assert budget["kl_probe_seconds"] > 0
     saved = Measurements.load(path)
+    assert set(saved.kl_layer) == set(saved.layers) and all(f > 0 for f in saved.kl_layer.values())
     assert set(saved.kl_scale) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"} | {
         "mlp.gate_proj",
         "mlp.up_proj",
@@ -100,10 +101,20 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
         raise AssertionError("probed again")
 
     monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_roles", no_probe)
+    monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_layers", no_probe)
     q2 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, **KW)
     again = q2.lowbit_info.settings["budget"]
     assert again["measurements_reused"] and again["kl_probe_seconds"] is None
     assert q2.lowbit_info.bits_per_weight <= 3.0
+
+    # a file from before the layer probe (role scales only): the layer factors are probed and saved
+    saved.kl_layer = {}
+    saved.save(path)
+    monkeypatch.undo()
+    monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_roles", no_probe)
+    q3 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, **KW)
+    assert q3.lowbit_info.settings["budget"]["kl_probe_seconds"] > 0
+    assert Measurements.load(path).kl_layer.keys() == saved.layers.keys()
 
 
 def test_the_role_probe_skips_a_candidate_a_role_cannot_hold():
@@ -162,3 +173,73 @@ def test_the_role_probe_reads_a_lazy_model_one_block_at_a_time_and_agrees_with_t
 def _loaded_blocks(model) -> int:
     """How many decoder blocks hold real (not meta) weights."""
     return sum(not next(b.parameters()).is_meta for b in model.model.layers)
+
+
+def test_the_layer_probe_scores_each_linear_alone_against_its_role_prediction_and_restores_the_model():
+    """Each linear replaced alone by its solved weight: the factor times the role's prediction is
+    exactly the KL of the model with that one linear swapped (checked by hand for two); a linear
+    whose swap changes nothing gets factor 0, one without a solution or probe candidate 1."""
+    model = make_tiny_model("llama")
+    linears = [n for n, _ in quantizable_linears(model, get_adapter("llama"))]
+    errors = {n: [0.02, 0.005, 0.006, 1e-6] for n in linears}
+    scale = {layer_role(n): [0.5, 0.4, 0.3, 0.2] for n in linears}
+    solved = {
+        n: CANDIDATES[1].quantize_tensor(linear_weight(model.get_submodule(n)).detach()).dequantize() for n in linears
+    }
+    unchanged, missing = linears[0], linears[1]
+    solved[unchanged] = linear_weight(model.get_submodule(unchanged)).detach().clone()
+    del solved[missing]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    factors = probe_layers(model, errors, CANDIDATES, WINDOWS, scale, solved, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert factors[unchanged] == 0.0 and factors[missing] == 1.0
+    assert layer_probe_candidate(errors[linears[2]], CANDIDATES) == 2  # 3 bits, the larger groups
+
+    windows = probe_windows(WINDOWS)
+    ref = build_reference(model, windows, progress=False)
+    for name in (linears[2], linears[-1]):
+        swapped = copy.deepcopy(model)
+        linear_weight(swapped.get_submodule(name)).data.copy_(solved[name])
+        kl = evaluate_windows(swapped, windows, ref, progress=False)["kld"]
+        assert kl > 0
+        assert factors[name] * 0.006 * 0.3 == pytest.approx(kl, rel=1e-3), name
+
+
+def test_kl_weighting_multiplies_by_the_layer_factor():
+    meas = Measurements("m", "c", [c.to_dict() for c in CANDIDATES[:2]], {})
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"):
+        meas.layers[name] = {"errors": [4.0, 1.0], "base": 2.0, "block": 0}
+    meas.kl_scale = {"mlp.up_proj": [0.5, 0.25]}
+    meas.kl_layer = {"model.layers.1.mlp.up_proj": 3.0}
+    assert meas.weighted_errors("model.layers.0.mlp.up_proj", "kl") == [1.0, 0.125]
+    assert meas.weighted_errors("model.layers.1.mlp.up_proj", "kl") == [3.0, 0.375]
+    assert meas.weighted_errors("model.layers.1.mlp.up_proj", "relative") == [2.0, 0.5]
+
+
+def test_the_layer_probe_reads_a_lazy_model_one_block_at_a_time_and_agrees_with_the_whole_one(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    path = tmp_path / "sharded"
+    make_tiny_model("llama", layers=3).save_pretrained(path, max_shard_size="40KB")
+    tiny_tokenizer.save_pretrained(path)
+    eager = lowbit.load_model(path, lazy=False).model
+    linears = [n for n, _ in quantizable_linears(eager, get_adapter("llama"))]
+    errors = {n: [0.02, 0.005, 0.006, 1e-6] for n in linears}
+    scale = {layer_role(n): [0.5, 0.4, 0.3, 0.2] for n in linears}
+    solved = {
+        n: CANDIDATES[1].quantize_tensor(linear_weight(eager.get_submodule(n)).detach()).dequantize() for n in linears
+    }
+    whole = probe_layers(eager, errors, CANDIDATES, WINDOWS, scale, solved, progress=False)
+
+    lazy = lowbit.load_model(path, lazy=True).model
+    held = []
+    walker = importlib.import_module("lowbit.walker")
+    run = walker.Block.run
+    monkeypatch.setattr(
+        walker.Block, "run", lambda self, *a, **k: held.append(_loaded_blocks(lazy)) or run(self, *a, **k)
+    )
+    by_blocks = probe_layers(lazy, errors, CANDIDATES, WINDOWS, scale, solved, progress=False)
+    assert held and max(held) == 1
+    assert by_blocks.keys() == whole.keys()
+    for name in whole:
+        assert by_blocks[name] == pytest.approx(whole[name], rel=1e-4), name

@@ -321,3 +321,76 @@ class _swapped:
         for w, original in self.saved:
             w.data.copy_(original)
         self.saved.clear()
+
+
+def layer_probe_candidate(errors: list[float], candidates: list[Format]) -> int | None:
+    """The candidate a layer is probed at alone: the narrowest width of 3 bits or more it can
+    hold, largest groups within it. One layer at 2 bits is outside what plans do; at 4 bits and
+    more its KL is near the probe's floor."""
+    held = [j for j, f in enumerate(candidates) if math.isfinite(errors[j]) and errors[j] > 0 and f.bits >= 3]
+    if not held:
+        return None
+    return min(held, key=lambda j: (candidates[j].bits, -candidates[j].group_size))
+
+
+@torch.no_grad()
+def probe_layers(
+    model: nn.Module,
+    errors: dict[str, list[float]],
+    candidates: list[Format],
+    windows: torch.Tensor,
+    kl_scale: dict[str, list[float]],
+    solved: dict[str, torch.Tensor],
+    progress: bool = True,
+) -> dict[str, float]:
+    """Per linear: how much more (or less) KL it causes than its role's scale predicts.
+
+    The role probe's scale is one number per role and width at every depth. On smollm2-135m
+    single linears at nf3-g64 cost 0.08 to 526 times what it predicts (median 1.03;
+    benchmarks/results/layer_probe.json): block 11's down_proj reads a few huge activations
+    that make its relative error look tiny, the last block's MLP writes straight into the
+    logits. A plan built on the role scale demotes exactly those layers. So each linear is
+    replaced alone by `solved[name]` (its GPTQ solution at `layer_probe_candidate`) in one
+    stream per linear, carried from its block to the end beside the float stream, and its KL
+    divided by what `errors` x `kl_scale` predict for it there is its factor. Linears without a
+    probe candidate get 1."""
+    windows = probe_windows(windows)
+    probed = {n: j for n in errors if n in solved and (j := layer_probe_candidate(errors[n], candidates)) is not None}
+    batch = len(windows)
+    reference = build_reference(model, windows, batch, progress=False)
+    client = _LayerProbePass({n: solved[n] for n in probed})
+    walk(model, get_adapter(model.config.model_type), windows, client, batch, progress=progress)
+    factors = dict.fromkeys(errors, 1.0)
+    for name, j in probed.items():
+        with replayed(model, client.streams[name], client.returns_tuple):
+            kl = evaluate_windows(model, windows, reference, batch, progress=False)["kld"]
+        predicted = errors[name][j] * kl_scale[layer_role(name)][j]
+        if predicted > 0:
+            factors[name] = kl / predicted
+    logger.info("KL per layer over its role's prediction: %s", factors)
+    return factors
+
+
+class _LayerProbePass(_ProbeWalk):
+    """Walker client: the float stream, and one stream per linear that starts at its block with
+    that linear alone replaced by its solved weight and runs through the float blocks after."""
+
+    desc = "layer probe"
+
+    def __init__(self, solved: dict[str, torch.Tensor]) -> None:
+        self.solved = solved
+        self.streams: dict[str, list[torch.Tensor]] = {}
+
+    def process(self, block: Block) -> list[torch.Tensor]:
+        outputs = self.run_float(block, {})
+        for name, stream in self.streams.items():
+            self.streams[name] = block.outputs_for(stream)
+        for name, module in self.modules_in(block, list(self.solved)).items():
+            weight = linear_weight(module)
+            original = weight.detach().clone()
+            weight.data.copy_(self.solved[name].to(weight.device, weight.dtype))
+            try:
+                self.streams[name] = block.outputs_for(block.inputs)
+            finally:
+                weight.data.copy_(original)
+        return outputs

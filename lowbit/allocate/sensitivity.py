@@ -61,6 +61,9 @@ class Measurements:
     # layer role -> per candidate, KL per unit of relative error (allocate.kl_probe.probe_roles); the
     # `kl` weighting's calibration, probed when first needed and saved with the errors
     kl_scale: dict[str, list[float]] = field(default_factory=dict)
+    # layer -> its own KL over what kl_scale predicts for it (allocate.kl_probe.probe_layers), probed
+    # after kl_scale and saved with it; a layer without one counts 1
+    kl_layer: dict[str, float] = field(default_factory=dict)
     # not saved: the file holds only what the inputs determine, so a resumed pass writes the same bytes
     seconds: float | None = field(default=None, repr=False)  # of the pass that made them; None when loaded
     bank: dict[str, dict[int, torch.Tensor]] | None = field(default=None, repr=False)
@@ -81,8 +84,9 @@ class Measurements:
         by the median squared norm of the residual stream entering the layer's block.
         On smollm2-135m at 2.5-3.5 bpw, knapsack plans under `relative` had 25-35 % lower
         KL than under `stream` or `raw` (BENCHMARKS.md). kl: relative times the KL per unit of
-        relative error that probes measured for the layer's role and candidate (`kl_scale`), so
-        errors read as the KL they cause.
+        relative error that probes measured for the layer's role and candidate (`kl_scale`) and
+        the layer's own factor (`kl_layer`: its KL alone over that prediction), so errors read
+        as the KL they cause.
 
         A candidate the layer cannot hold (its rows do not split into the format's blocks, so the
         pass recorded None, or the export target refuses it: `restricted`) has error inf."""
@@ -92,7 +96,8 @@ class Measurements:
             scale = self.kl_scale.get(layer_role(name))
             if scale is None:
                 raise LowbitError(f"the measurements hold no KL calibration for {name}; run the KL probe (kl_probe)")
-            return [e / max(rec["base"], 1e-300) * k for e, k in zip(errors, scale, strict=True)]
+            factor = self.kl_layer.get(name, 1.0)
+            return [e / max(rec["base"], 1e-300) * k * factor for e, k in zip(errors, scale, strict=True)]
         if weighting == "raw":
             return errors
         if weighting == "relative":
