@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="kl",
         help="budget runs: how layer errors are compared across layers and depths: kl (default: each layer's "
         "error as a fraction of its own output energy, times the KL per unit of error that probes measure per "
-        "layer role and bit width; the probe runs once per measurement file); relative (without the probe); "
+        "layer role and bit width and by the layer's own factor from a probe of each layer alone; the probes "
+        "run once per measurement file); relative (without the probes); "
         "stream or raw (see README and BENCHMARKS.md)",
     )
     q.add_argument(
