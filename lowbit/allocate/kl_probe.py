@@ -358,12 +358,17 @@ def probe_layers(
     probed = {n: j for n in errors if n in solved and (j := layer_probe_candidate(errors[n], candidates)) is not None}
     batch = len(windows)
     reference = build_reference(model, windows, batch, progress=False)
+    # the float log-probabilities once, not once per stream (scoring hundreds of streams is
+    # most of this probe's time)
+    ref_logp = torch.log_softmax(reference.logits(slice(0, batch))[:, :-1].float(), dim=-1)
+    ref_p = ref_logp.exp()
     client = _LayerProbePass({n: solved[n] for n in probed})
     walk(model, get_adapter(model.config.model_type), windows, client, batch, progress=progress)
     factors = dict.fromkeys(errors, 1.0)
-    for name, j in probed.items():
+    for name, j in tqdm(probed.items(), desc="scoring layers", disable=not progress):
         with replayed(model, client.streams[name], client.returns_tuple):
-            kl = evaluate_windows(model, windows, reference, batch, progress=False)["kld"]
+            logits = model(windows.to(ref_p.device), use_cache=False).logits[:, :-1].float()
+        kl = float((ref_p * (ref_logp - torch.log_softmax(logits, dim=-1))).sum(-1).mean())
         predicted = errors[name][j] * kl_scale[layer_role(name)][j]
         if predicted > 0:
             factors[name] = kl / predicted
