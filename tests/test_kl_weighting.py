@@ -148,21 +148,14 @@ def test_the_role_probe_reads_a_lazy_model_one_block_at_a_time_and_agrees_with_t
 ):
     """The probe walks the blocks once, every probed stream beside the float one: a model larger
     than memory is never read whole, and the scale is the one a whole model gives."""
-    path = tmp_path / "sharded"
-    make_tiny_model("llama", layers=3).save_pretrained(path, max_shard_size="40KB")
-    tiny_tokenizer.save_pretrained(path)
+    path = _sharded_llama(tmp_path, tiny_tokenizer)
     eager = lowbit.load_model(path, lazy=False).model
     linears = [n for n, _ in quantizable_linears(eager, get_adapter("llama"))]
     errors = {n: [0.02, 0.005, 0.006, 1e-6] for n in linears}
     whole = probe_roles(eager, errors, CANDIDATES, WINDOWS, progress=False)
 
     lazy = lowbit.load_model(path, lazy=True).model
-    held = []
-    walker = importlib.import_module("lowbit.walker")
-    run = walker.Block.run
-    monkeypatch.setattr(
-        walker.Block, "run", lambda self, *a, **k: held.append(_loaded_blocks(lazy)) or run(self, *a, **k)
-    )
+    held = _record_loaded_blocks(monkeypatch, lazy)
     by_blocks = probe_roles(lazy, errors, CANDIDATES, WINDOWS, progress=False)
     assert held and max(held) == 1
     assert by_blocks.keys() == whole.keys()
@@ -219,9 +212,7 @@ def test_kl_weighting_multiplies_by_the_layer_factor():
 def test_the_layer_probe_reads_a_lazy_model_one_block_at_a_time_and_agrees_with_the_whole_one(
     tmp_path, tiny_tokenizer, monkeypatch
 ):
-    path = tmp_path / "sharded"
-    make_tiny_model("llama", layers=3).save_pretrained(path, max_shard_size="40KB")
-    tiny_tokenizer.save_pretrained(path)
+    path = _sharded_llama(tmp_path, tiny_tokenizer)
     eager = lowbit.load_model(path, lazy=False).model
     linears = [n for n, _ in quantizable_linears(eager, get_adapter("llama"))]
     errors = {n: [0.02, 0.005, 0.006, 1e-6] for n in linears}
@@ -232,14 +223,28 @@ def test_the_layer_probe_reads_a_lazy_model_one_block_at_a_time_and_agrees_with_
     whole = probe_layers(eager, errors, CANDIDATES, WINDOWS, scale, solved, progress=False)
 
     lazy = lowbit.load_model(path, lazy=True).model
-    held = []
-    walker = importlib.import_module("lowbit.walker")
-    run = walker.Block.run
-    monkeypatch.setattr(
-        walker.Block, "run", lambda self, *a, **k: held.append(_loaded_blocks(lazy)) or run(self, *a, **k)
-    )
+    held = _record_loaded_blocks(monkeypatch, lazy)
     by_blocks = probe_layers(lazy, errors, CANDIDATES, WINDOWS, scale, solved, progress=False)
     assert held and max(held) == 1
     assert by_blocks.keys() == whole.keys()
     for name in whole:
         assert by_blocks[name] == pytest.approx(whole[name], rel=1e-4), name
+
+
+def _sharded_llama(tmp_path, tokenizer):
+    """A 3-block llama saved in small shards, for the lazy (block-by-block) probes."""
+    path = tmp_path / "sharded"
+    make_tiny_model("llama", layers=3).save_pretrained(path, max_shard_size="40KB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _record_loaded_blocks(monkeypatch, lazy) -> list[int]:
+    """How many of `lazy`'s blocks are in memory each time the walker runs one."""
+    held: list[int] = []
+    walker = importlib.import_module("lowbit.walker")
+    run = walker.Block.run
+    monkeypatch.setattr(
+        walker.Block, "run", lambda self, *a, **k: held.append(_loaded_blocks(lazy)) or run(self, *a, **k)
+    )
+    return held
