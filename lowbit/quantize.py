@@ -148,6 +148,7 @@ def _plan(
     if budget is None:
         return allocate(model, recipe, targets)
     refine = budget.refine_seconds > 0
+    kl = budget.weighting == "kl"
     if path is None and work is not None and not refine:  # a resumed run need not measure again
         path = work / "measurements.json"
     meas, reused = measurements_for(
@@ -164,19 +165,23 @@ def _plan(
         progress=progress,
         device=device,
         offload=offload,
+        keep_probe=kl,
     )
     probe_seconds = None
-    if budget.weighting == "kl" and not (meas.kl_scale and meas.kl_layer):
+    if kl and not (meas.kl_scale and meas.kl_layer):
         t0 = time.perf_counter()
         relative = {n: meas.weighted_errors(n, "relative") for n in meas.layers}
         cands = list(targets.candidates)
         if not meas.kl_scale:
             meas.kl_scale = probe_roles(model, relative, cands, windows, progress)
-        solved = _layer_probe_weights(model, adapter, relative, cands, windows, recipe, progress, device, offload)
+        solved = meas.probe_bank or _layer_probe_weights(
+            model, adapter, relative, cands, windows, recipe, progress, device, offload
+        )
         meas.kl_layer = probe_layers(model, relative, cands, windows, meas.kl_scale, solved, progress)
         probe_seconds = time.perf_counter() - t0
         if path is not None:
             meas.save(path)
+    meas.probe_bank = None
     held_out = _held_out_windows(tokenizer, recipe, windows, budget.refine_windows) if refine else None
     plan = allocate(model, recipe, targets, meas, windows, held_out, progress)
     account = {**plan.budget, "measurement_seconds": meas.seconds, "measurements_reused": reused}
@@ -187,8 +192,9 @@ def _plan(
 def _layer_probe_weights(
     model, adapter, relative: dict[str, list[float]], cands, windows, recipe: Recipe, progress, device, offload
 ) -> dict[str, torch.Tensor]:
-    """Each linear's GPTQ solution at the candidate the layer probe replaces it with: a measurement
-    pass over just those candidates that keeps the weights (the saved measurements hold errors only)."""
+    """Each linear's GPTQ solution at the candidate the layer probe replaces it with, for
+    measurements read from a file (which holds errors only; a fresh pass keeps them itself): a
+    measurement pass over just those candidates that keeps the weights."""
     chosen = {n: layer_probe_candidate(e, cands) for n, e in relative.items()}
     used = sorted({j for j in chosen.values() if j is not None})
     if not used:

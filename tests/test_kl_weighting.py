@@ -83,8 +83,16 @@ def test_kl_weighting_scales_relative_errors_and_refuses_measurements_without_a_
 
 
 def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measurements(tmp_path, monkeypatch):
+    """A fresh measurement pass keeps the layer probe's solutions itself (no second pass solves
+    them again); a file without layer factors gets them from that second pass, equal to the
+    fresh run's, and a file with them is never probed again."""
     model = make_tiny_model("llama")
     path = tmp_path / "measurements.json"
+
+    def no_probe(*a, **k):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "_layer_probe_weights", no_probe)
     q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=path, **KW)
     budget = q.lowbit_info.settings["budget"]
     assert budget["weighting"] == "kl" and q.lowbit_info.bits_per_weight <= 3.5
@@ -96,10 +104,7 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
         "mlp.up_proj",
         "mlp.down_proj",
     }
-
-    def no_probe(*a, **k):
-        raise AssertionError("probed again")
-
+    monkeypatch.undo()
     monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_roles", no_probe)
     monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_layers", no_probe)
     q2 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, **KW)
@@ -108,13 +113,15 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
     assert q2.lowbit_info.bits_per_weight <= 3.0
 
     # a file from before the layer probe (role scales only): the layer factors are probed and saved
-    saved.kl_layer = {}
+    fresh, saved.kl_layer = saved.kl_layer, {}
     saved.save(path)
     monkeypatch.undo()
     monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_roles", no_probe)
     q3 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, **KW)
     assert q3.lowbit_info.settings["budget"]["kl_probe_seconds"] > 0
-    assert Measurements.load(path).kl_layer.keys() == saved.layers.keys()
+    reprobed = Measurements.load(path).kl_layer
+    assert reprobed.keys() == saved.layers.keys()
+    assert all(reprobed[n] == pytest.approx(f, rel=1e-5) for n, f in fresh.items())
 
 
 def test_the_role_probe_skips_a_candidate_a_role_cannot_hold():

@@ -76,13 +76,14 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("keep_weights", [False, True])
-def test_a_resumed_measurement_pass_writes_the_same_file(tmp_path, keep_weights):
+@pytest.mark.parametrize(("keep_weights", "keep_probe"), [(False, False), (True, False), (False, True)])
+def test_a_resumed_measurement_pass_writes_the_same_file(tmp_path, keep_weights, keep_probe):
     model = make_tiny_model("llama", layers=4)
     adapter = get_adapter("llama")
     names = [n for n, _ in quantizable_linears(model, adapter)]
     args = (model, adapter, names, CANDIDATES, WINDOWS, SETTINGS)
-    full = measure(*args, progress=False, keep_weights=keep_weights)
+    kept = {"keep_weights": keep_weights, "keep_probe": keep_probe}
+    full = measure(*args, progress=False, **kept)
     full.save(tmp_path / "full.json")
 
     def crash_after_1(i: int) -> None:
@@ -91,11 +92,11 @@ def test_a_resumed_measurement_pass_writes_the_same_file(tmp_path, keep_weights)
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Crash):
-        measure(*args, progress=False, keep_weights=keep_weights, checkpoint_dir=ckpt, on_block_done=crash_after_1)
+        measure(*args, progress=False, **kept, checkpoint_dir=ckpt, on_block_done=crash_after_1)
     finished = model.model.layers[1]  # (the capture runs block 0 once, to learn how it returns)
     calls = []
     handle = finished.register_forward_pre_hook(lambda *_: calls.append(1))
-    resumed = measure(*args, progress=False, keep_weights=keep_weights, checkpoint_dir=ckpt, resume=True)
+    resumed = measure(*args, progress=False, **kept, checkpoint_dir=ckpt, resume=True)
     handle.remove()
     assert calls == []  # the finished blocks were not run again
     resumed.save(tmp_path / "resumed.json")
@@ -103,5 +104,8 @@ def test_a_resumed_measurement_pass_writes_the_same_file(tmp_path, keep_weights)
     if keep_weights:
         assert resumed.bank.keys() == full.bank.keys()
         assert all(torch.equal(resumed.bank[n][j], w) for n, ws in full.bank.items() for j, w in ws.items())
+    if keep_probe:  # every layer's solution at its probe candidate, the restored blocks' too
+        assert full.bank is None and full.probe_bank.keys() == set(names) == resumed.probe_bank.keys()
+        assert all(torch.equal(resumed.probe_bank[n], w) for n, w in full.probe_bank.items())
     with pytest.raises(LowbitError, match="another model, calibration set or settings"):
         measure(*args[:3], CANDIDATES[:2], WINDOWS, SETTINGS, progress=False, checkpoint_dir=ckpt, resume=True)

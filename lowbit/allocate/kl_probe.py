@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.allocate.sensitivity import layer_role
+from lowbit.allocate.sensitivity import layer_probe_candidate, layer_role
 from lowbit.eval.metrics import evaluate_windows
 from lowbit.eval.reference import build_reference, replayed
 from lowbit.formats import Format
@@ -321,16 +321,6 @@ class _swapped:
         for w, original in self.saved:
             w.data.copy_(original)
         self.saved.clear()
-
-
-def layer_probe_candidate(errors: list[float], candidates: list[Format]) -> int | None:
-    """The candidate a layer is probed at alone: the narrowest width of 3 bits or more it can
-    hold, largest groups within it. One layer at 2 bits is outside what plans do; at 4 bits and
-    more its KL is near the probe's floor."""
-    held = [j for j, f in enumerate(candidates) if math.isfinite(errors[j]) and errors[j] > 0 and f.bits >= 3]
-    if not held:
-        return None
-    return min(held, key=lambda j: (candidates[j].bits, -candidates[j].group_size))
 
 
 @torch.no_grad()

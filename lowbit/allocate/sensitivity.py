@@ -43,6 +43,17 @@ class MeasurementMismatchError(LowbitError):
     pass
 
 
+def layer_probe_candidate(errors: list[float | None], candidates: list[Format]) -> int | None:
+    """The candidate a layer is probed at alone (allocate.kl_probe.probe_layers): the narrowest
+    width of 3 bits or more it can hold, largest groups within it. One layer at 2 bits is outside
+    what plans do; at 4 bits and more its KL is near the probe's floor."""
+    held = [j for j, f in enumerate(candidates) if errors[j] is not None and math.isfinite(errors[j]) and errors[j] > 0]
+    held = [j for j in held if candidates[j].bits >= 3]
+    if not held:
+        return None
+    return min(held, key=lambda j: (candidates[j].bits, -candidates[j].group_size))
+
+
 def layer_role(name: str) -> str:
     """A linear's place in its block, the same at every depth: model.layers.3.mlp.down_proj -> mlp.down_proj."""
     return re.sub(r"^.*?\.\d+\.", "", name)
@@ -67,9 +78,12 @@ class Measurements:
     # not saved: the file holds only what the inputs determine, so a resumed pass writes the same bytes
     seconds: float | None = field(default=None, repr=False)  # of the pass that made them; None when loaded
     bank: dict[str, dict[int, torch.Tensor]] | None = field(default=None, repr=False)
+    # layer -> its GPTQ solution at `layer_probe_candidate` (float16), kept by a pass that knows
+    # the layer probe will follow, so the probe need not solve every layer again
+    probe_bank: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        skip = ("bank", "seconds")
+        skip = ("bank", "probe_bank", "seconds")
         return {"version": MEASUREMENT_VERSION, **{k: v for k, v in self.__dict__.items() if k not in skip}}
 
     def weightings(self) -> list[str]:
@@ -165,9 +179,11 @@ class _MeasurementPass:
         settings: GPTQSettings,
         result: Measurements,
         keep_weights: bool | str,
+        keep_probe: bool = False,
     ) -> None:
         self.adapter, self.wanted, self.candidates = adapter, set(layers), candidates
         self.settings, self.result, self.keep_weights = settings, result, keep_weights
+        self.keep_probe = keep_probe
 
     def process(self, block: Block) -> list[torch.Tensor]:
         groups = block.groups(self.adapter, self.wanted.__contains__)
@@ -193,8 +209,7 @@ class _MeasurementPass:
                 for name in group:
                     recs[name]["costs"].append(None)
                     recs[name]["errors"].append(None)
-                    if self.keep_weights:
-                        solved[name].append(None)
+                    solved[name].append(None)
                 continue
             parts, _ = gptq_quantize_stacked(
                 weights, h, fmt, **self.settings.solver_options(), name=", ".join(block.prefix + n for n in group)
@@ -203,10 +218,14 @@ class _MeasurementPass:
                 deq = qt.dequantize()
                 recs[name]["costs"].append(fmt.storage_bits(*w.shape))
                 recs[name]["errors"].append(hessian_weighted_error((w - deq).double(), h.double()))
-                if self.keep_weights:
-                    solved[name].append(deq.to(torch.float16).cpu())
+                keep = self.keep_weights or self.keep_probe
+                solved[name].append(deq.to(torch.float16).cpu() if keep else None)
         for name, rec in recs.items():
             self.result.layers[block.prefix + name] = rec
+            probe = layer_probe_candidate(rec["errors"], self.candidates) if self.keep_probe else None
+            if probe is not None:
+                self.result.probe_bank = self.result.probe_bank or {}
+                self.result.probe_bank[block.prefix + name] = solved[name][probe]
             if self.keep_weights:
                 every = [j for j, e in enumerate(rec["errors"]) if e is not None]
                 front = every if self.keep_weights == "all" else pareto_front(rec["costs"], rec["errors"])
@@ -214,8 +233,9 @@ class _MeasurementPass:
                 self.result.bank[block.prefix + name] = {j: solved[name][j] for j in front}
 
     def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
-        bank = self.result.bank or {}
-        return {f"{n}:{j}": w for n, ws in bank.items() if n.startswith(block.prefix) for j, w in ws.items()}
+        bank, probe = self.result.bank or {}, self.result.probe_bank or {}
+        kept = {f"{n}:{j}": w for n, ws in bank.items() if n.startswith(block.prefix) for j, w in ws.items()}
+        return kept | {f"{n}:probe": w for n, w in probe.items() if n.startswith(block.prefix)}
 
     def state(self) -> dict[str, Any]:
         return {"layers": self.result.layers, "stream": self.result.stream}
@@ -226,11 +246,17 @@ class _MeasurementPass:
         for _, tensors in finished:
             for key, w in tensors.items():
                 name, _, j = key.rpartition(":")
+                if j == "probe":
+                    self.result.probe_bank = self.result.probe_bank or {}
+                    self.result.probe_bank[name] = w
+                    continue
                 self.result.bank = self.result.bank or {}
                 self.result.bank.setdefault(name, {})[int(j)] = w
 
 
-def _pass_key(model_id: str, windows: torch.Tensor, layers, candidates, settings: GPTQSettings, keep_weights) -> str:
+def _pass_key(
+    model_id: str, windows: torch.Tensor, layers, candidates, settings: GPTQSettings, keep_weights, keep_probe: bool
+) -> str:
     h = hashlib.sha256(model_id.encode())
     h.update(windows.numpy().tobytes())
     spec = {
@@ -240,6 +266,8 @@ def _pass_key(model_id: str, windows: torch.Tensor, layers, candidates, settings
         "batch_size": settings.batch_size,
         "keep_weights": keep_weights,
     }
+    if keep_probe:  # (absent otherwise: checkpoints from before it still resume)
+        spec["keep_probe"] = True
     h.update(json.dumps(spec, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -259,13 +287,16 @@ def measure(
     on_block_done=None,
     device: torch.device | None = None,
     offload: Offload | None = None,
+    keep_probe: bool = False,
 ) -> Measurements:
     """Solve every layer in `layers` (full names) with every candidate; the model is not changed.
 
     With `keep_weights`, the dequantized weights (float16) of each layer's Pareto-optimal
     candidates (no other candidate both cheaper and more accurate) stay in `bank`, for
     the refinement that evaluates whole plans (allocate.evolve); "all" keeps every
-    candidate's (benchmarks compare uniform plans with it). With `checkpoint_dir`, the pass
+    candidate's (benchmarks compare uniform plans with it). `keep_probe` keeps each layer's
+    solution at `layer_probe_candidate` in `probe_bank`, for the layer probe that follows a
+    fresh pass under the `kl` weighting. With `checkpoint_dir`, the pass
     saves its state after every block there and `resume=True` continues from it."""
     settings = settings or GPTQSettings()
     t0 = time.perf_counter()
@@ -276,10 +307,10 @@ def measure(
         candidates=[f.to_dict() for f in candidates],
         settings=settings.solver_options(),
     )
-    client = _MeasurementPass(adapter, layers, list(candidates), settings, result, keep_weights)
+    client = _MeasurementPass(adapter, layers, list(candidates), settings, result, keep_weights, keep_probe)
     checkpoint = None
     if checkpoint_dir is not None:
-        key = _pass_key(digest, windows, layers, candidates, settings, keep_weights)
+        key = _pass_key(digest, windows, layers, candidates, settings, keep_weights, keep_probe)
         checkpoint = Checkpoint(checkpoint_dir, key)
     walk(
         model,
@@ -331,12 +362,13 @@ def measurements_for(
     on_block_done=None,
     device: torch.device | None = None,
     offload: Offload | None = None,
+    keep_probe: bool = False,
 ) -> tuple[Measurements, bool]:
     """The measurements from `path` when it holds this model's, calibration's and candidates'
     (refused, naming the mismatch, when it holds another's); otherwise measured, and saved to
     `path`. Returns them and whether they were reused. Every layer is measured, pinned or not,
     so one file serves other keep rules too. `keep_weights` (the refinement's bank) is never in
-    a file, so it always measures."""
+    a file, so it always measures; `keep_probe` is kept only by a pass that runs anyway."""
     key = (model_digest(model), windows_digest(windows), [f.to_dict() for f in candidates])
     path = Path(path) if path is not None else None
     if path is not None and path.exists():
@@ -359,6 +391,7 @@ def measurements_for(
         on_block_done,
         device,
         offload,
+        keep_probe,
     )
     if path is not None:
         meas.save(path)
