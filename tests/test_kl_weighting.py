@@ -20,6 +20,7 @@ from lowbit.eval.reference import build_reference
 from lowbit.formats import IntFormat
 from lowbit.models.adapters import get_adapter, linear_weight, quantizable_linears
 from lowbit.recipe import GPTQSettings
+from lowbit.walker import walk
 
 WINDOWS = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
 CANDIDATES = [IntFormat(2, 32), IntFormat(3, 32), IntFormat(3, 64), IntFormat(8, 32)]
@@ -175,7 +176,7 @@ def _loaded_blocks(model) -> int:
     return sum(not next(b.parameters()).is_meta for b in model.model.layers)
 
 
-def test_the_layer_probe_scores_each_linear_alone_against_its_role_prediction_and_restores_the_model():
+def test_the_layer_probe_scores_each_linear_alone_against_its_role_prediction_and_restores_the_model(monkeypatch):
     """Each linear replaced alone by its solved weight: the factor times the role's prediction is
     exactly the KL of the model with that one linear swapped (checked by hand for two); a linear
     whose swap changes nothing gets factor 0, one without a solution or probe candidate 1."""
@@ -194,6 +195,13 @@ def test_the_layer_probe_scores_each_linear_alone_against_its_role_prediction_an
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert factors[unchanged] == 0.0 and factors[missing] == 1.0
     assert layer_probe_candidate(errors[linears[2]], CANDIDATES) == 2  # 3 bits, the larger groups
+    # streams that may not all be held at once: one walk per linear, the same factors
+    module = importlib.import_module("lowbit.allocate.kl_probe")
+    walks = []
+    monkeypatch.setattr(module, "walk", lambda *a, **k: walks.append(set(a[3].solved)) or walk(*a, **k))
+    one_by_one = probe_layers(model, errors, CANDIDATES, WINDOWS, scale, solved, progress=False, stream_bytes=1)
+    assert walks == [{n} for n in linears if n != missing]
+    assert one_by_one == pytest.approx(factors, rel=1e-6)
 
     windows = probe_windows(WINDOWS)
     ref = build_reference(model, windows, progress=False)

@@ -52,6 +52,9 @@ from lowbit.walker import Block, Unresumable, capture_block_calls, walk
 logger = logging.getLogger(__name__)
 
 PROBE_TOKENS = 2048  # positions scored per probe: 4 windows of 512
+# what the layer probe's perturbed streams may hold at once; more linears than fit take more
+# walks (smollm2-135m's 210 streams of 4.7 MB fit in one)
+STREAM_BYTES = 1 << 30
 
 
 @dataclass
@@ -332,6 +335,7 @@ def probe_layers(
     kl_scale: dict[str, list[float]],
     solved: dict[str, torch.Tensor],
     progress: bool = True,
+    stream_bytes: int = STREAM_BYTES,
 ) -> dict[str, float]:
     """Per linear: how much more (or less) KL it causes than its role's scale predicts.
 
@@ -343,7 +347,9 @@ def probe_layers(
     replaced alone by `solved[name]` (its GPTQ solution at `layer_probe_candidate`) in one
     stream per linear, carried from its block to the end beside the float stream, and its KL
     divided by what `errors` x `kl_scale` predict for it there is its factor. Linears without a
-    probe candidate get 1."""
+    probe candidate get 1. When their streams would hold more than `stream_bytes`, the linears
+    are probed in consecutive groups, one walk each (the same factors; each walk also runs the
+    float stream)."""
     windows = probe_windows(windows)
     probed = {n: j for n in errors if n in solved and (j := layer_probe_candidate(errors[n], candidates)) is not None}
     batch = len(windows)
@@ -352,16 +358,24 @@ def probe_layers(
     # most of this probe's time)
     ref_logp = torch.log_softmax(reference.logits(slice(0, batch))[:, :-1].float(), dim=-1)
     ref_p = ref_logp.exp()
-    client = _LayerProbePass({n: solved[n] for n in probed})
-    walk(model, get_adapter(model.config.model_type), windows, client, batch, progress=progress)
+    per_stream = windows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+    size = max(1, stream_bytes // per_stream)
+    names = list(probed)
+    groups = [names[i : i + size] for i in range(0, len(names), size)]
     factors = dict.fromkeys(errors, 1.0)
-    for name, j in tqdm(probed.items(), desc="scoring layers", disable=not progress):
-        with replayed(model, client.streams[name], client.returns_tuple):
-            logits = model(windows.to(ref_p.device), use_cache=False).logits[:, :-1].float()
-        kl = float((ref_p * (ref_logp - torch.log_softmax(logits, dim=-1))).sum(-1).mean())
-        predicted = errors[name][j] * kl_scale[layer_role(name)][j]
-        if predicted > 0:
-            factors[name] = kl / predicted
+    for g, group in enumerate(groups):
+        client = _LayerProbePass({n: solved[n] for n in group})
+        if len(groups) > 1:
+            client.desc = f"layer probe {g + 1}/{len(groups)}"
+        walk(model, get_adapter(model.config.model_type), windows, client, batch, progress=progress)
+        for name in tqdm(group, desc="scoring layers", disable=not progress):
+            with replayed(model, client.streams.pop(name), client.returns_tuple):
+                logits = model(windows.to(ref_p.device), use_cache=False).logits[:, :-1].float()
+            kl = float((ref_p * (ref_logp - torch.log_softmax(logits, dim=-1))).sum(-1).mean())
+            j = probed[name]
+            predicted = errors[name][j] * kl_scale[layer_role(name)][j]
+            if predicted > 0:
+                factors[name] = kl / predicted
     logger.info("KL per layer over its role's prediction: %s", factors)
     return factors
 
