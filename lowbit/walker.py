@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -364,6 +365,15 @@ class Checkpoint:
 
     def load_tensors(self, index: int) -> dict[str, torch.Tensor]:
         return self._load(self.path / f"block_{index}.safetensors")
+
+    def load_tensor(self, index: int, key: str) -> torch.Tensor:
+        """One of block `index`'s saved tensors, read alone."""
+        file = self.path / f"block_{index}.safetensors"
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as exc:  # noqa: BLE001 - as _load
+            raise CheckpointError(f"resume file {file} is missing or damaged ({exc}); delete {self.path}") from exc
 
     def load_inputs(self, index: int) -> list[torch.Tensor]:
         tensors = self._load(self.path / f"inputs_{index}.safetensors")

@@ -94,7 +94,10 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
         raise AssertionError("probed again")
 
     monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "_layer_probe_weights", no_probe)
-    q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=path, **KW)
+    work = tmp_path / "work"  # (the probe reads the solutions back from the pass's checkpoint there)
+    q = lowbit.quantize(
+        copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=path, checkpoint_dir=work, **KW
+    )
     budget = q.lowbit_info.settings["budget"]
     assert budget["weighting"] == "kl" and q.lowbit_info.bits_per_weight <= 3.5
     assert budget["kl_probe_seconds"] > 0
@@ -198,7 +201,7 @@ def test_the_layer_probe_scores_each_linear_alone_against_its_role_prediction_an
     # streams that may not all be held at once: one walk per linear, the same factors
     module = importlib.import_module("lowbit.allocate.kl_probe")
     walks = []
-    monkeypatch.setattr(module, "walk", lambda *a, **k: walks.append(set(a[3].solved)) or walk(*a, **k))
+    monkeypatch.setattr(module, "walk", lambda *a, **k: walks.append(set(a[3].names)) or walk(*a, **k))
     one_by_one = probe_layers(model, errors, CANDIDATES, WINDOWS, scale, solved, progress=False, stream_bytes=1)
     assert walks == [{n} for n in linears if n != missing]
     assert one_by_one == pytest.approx(factors, rel=1e-6)

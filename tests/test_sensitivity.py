@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_model
 
 import lowbit
-from lowbit.allocate.sensitivity import MeasurementMismatchError, Measurements, measure
+from lowbit.allocate.sensitivity import MeasurementMismatchError, Measurements, StoredProbeBank, measure
 from lowbit.digests import model_digest, windows_digest
 from lowbit.errors import LowbitError
 from lowbit.formats import IntFormat
@@ -106,6 +106,7 @@ def test_a_resumed_measurement_pass_writes_the_same_file(tmp_path, keep_weights,
         assert all(torch.equal(resumed.bank[n][j], w) for n, ws in full.bank.items() for j, w in ws.items())
     if keep_probe:  # every layer's solution at its probe candidate, the restored blocks' too
         assert full.bank is None and full.probe_bank.keys() == set(names) == resumed.probe_bank.keys()
+        assert isinstance(resumed.probe_bank, StoredProbeBank)  # with a checkpoint: read from it when asked
         assert all(torch.equal(resumed.probe_bank[n], w) for n, w in full.probe_bank.items())
     with pytest.raises(LowbitError, match="another model, calibration set or settings"):
         measure(*args[:3], CANDIDATES[:2], WINDOWS, SETTINGS, progress=False, checkpoint_dir=ckpt, resume=True)

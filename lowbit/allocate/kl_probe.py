@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -333,7 +334,7 @@ def probe_layers(
     candidates: list[Format],
     windows: torch.Tensor,
     kl_scale: dict[str, list[float]],
-    solved: dict[str, torch.Tensor],
+    solved: Mapping[str, torch.Tensor],
     progress: bool = True,
     stream_bytes: int = STREAM_BYTES,
 ) -> dict[str, float]:
@@ -364,7 +365,7 @@ def probe_layers(
     groups = [names[i : i + size] for i in range(0, len(names), size)]
     factors = dict.fromkeys(errors, 1.0)
     for g, group in enumerate(groups):
-        client = _LayerProbePass({n: solved[n] for n in group})
+        client = _LayerProbePass(solved, group)
         if len(groups) > 1:
             client.desc = f"layer probe {g + 1}/{len(groups)}"
         walk(model, get_adapter(model.config.model_type), windows, client, batch, progress=progress)
@@ -381,20 +382,21 @@ def probe_layers(
 
 
 class _LayerProbePass(_ProbeWalk):
-    """Walker client: the float stream, and one stream per linear that starts at its block with
-    that linear alone replaced by its solved weight and runs through the float blocks after."""
+    """Walker client: the float stream, and one stream per linear of `names` that starts at its
+    block with that linear alone replaced by its solved weight (read from `solved` there) and
+    runs through the float blocks after."""
 
     desc = "layer probe"
 
-    def __init__(self, solved: dict[str, torch.Tensor]) -> None:
-        self.solved = solved
+    def __init__(self, solved: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        self.solved, self.names = solved, names
         self.streams: dict[str, list[torch.Tensor]] = {}
 
     def process(self, block: Block) -> list[torch.Tensor]:
         outputs = self.run_float(block, {})
         for name, stream in self.streams.items():
             self.streams[name] = block.outputs_for(stream)
-        for name, module in self.modules_in(block, list(self.solved)).items():
+        for name, module in self.modules_in(block, self.names).items():
             weight = linear_weight(module)
             original = weight.detach().clone()
             weight.data.copy_(self.solved[name].to(weight.device, weight.dtype))

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,9 @@ class Measurements:
     seconds: float | None = field(default=None, repr=False)  # of the pass that made them; None when loaded
     bank: dict[str, dict[int, torch.Tensor]] | None = field(default=None, repr=False)
     # layer -> its GPTQ solution at `layer_probe_candidate` (float16), kept by a pass that knows
-    # the layer probe will follow, so the probe need not solve every layer again
-    probe_bank: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # the layer probe will follow, so the probe need not solve every layer again; read from the
+    # pass's checkpoint when it has one (StoredProbeBank), so it is not all in memory
+    probe_bank: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         skip = ("bank", "probe_bank", "seconds")
@@ -164,6 +166,26 @@ class Measurements:
             raise MeasurementMismatchError(f"the measurements{where} cover other candidate formats; measure again")
 
 
+class StoredProbeBank(Mapping[str, torch.Tensor]):
+    """The probe candidates' solutions where the measurement pass's checkpoint saved them, each
+    read when asked for: a float16 copy of every linear is as large as a bfloat16 model."""
+
+    def __init__(self, checkpoint: Checkpoint, blocks: dict[str, int]) -> None:
+        self.checkpoint, self.blocks = checkpoint, blocks
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.checkpoint.load_tensor(self.blocks[name], f"{name}:probe")
+
+    def __contains__(self, name: object) -> bool:  # (Mapping's would read the tensor)
+        return name in self.blocks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
 class _MeasurementPass:
     """Walker client: float blocks, every wanted layer solved with every candidate."""
 
@@ -180,10 +202,12 @@ class _MeasurementPass:
         result: Measurements,
         keep_weights: bool | str,
         keep_probe: bool = False,
+        spilled: dict[str, int] | None = None,
     ) -> None:
         self.adapter, self.wanted, self.candidates = adapter, set(layers), candidates
         self.settings, self.result, self.keep_weights = settings, result, keep_weights
-        self.keep_probe = keep_probe
+        # with a checkpoint, the probe solutions leave memory once saved: layer -> block
+        self.keep_probe, self.spilled = keep_probe, spilled
 
     def process(self, block: Block) -> list[torch.Tensor]:
         groups = block.groups(self.adapter, self.wanted.__contains__)
@@ -235,7 +259,12 @@ class _MeasurementPass:
     def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
         bank, probe = self.result.bank or {}, self.result.probe_bank or {}
         kept = {f"{n}:{j}": w for n, ws in bank.items() if n.startswith(block.prefix) for j, w in ws.items()}
-        return kept | {f"{n}:probe": w for n, w in probe.items() if n.startswith(block.prefix)}
+        kept |= {f"{n}:probe": w for n, w in probe.items() if n.startswith(block.prefix)}
+        if self.spilled is not None:  # saved with the block from here on
+            for name in [n for n in probe if n.startswith(block.prefix)]:
+                del probe[name]
+                self.spilled[name] = block.index
+        return kept
 
     def state(self) -> dict[str, Any]:
         return {"layers": self.result.layers, "stream": self.result.stream}
@@ -243,12 +272,15 @@ class _MeasurementPass:
     def restore(self, state: dict[str, Any], finished: list[tuple[Block, dict[str, torch.Tensor]]]) -> None:
         self.result.layers.update(state["layers"])
         self.result.stream.update(state["stream"])
-        for _, tensors in finished:
+        for block, tensors in finished:
             for key, w in tensors.items():
                 name, _, j = key.rpartition(":")
                 if j == "probe":
-                    self.result.probe_bank = self.result.probe_bank or {}
-                    self.result.probe_bank[name] = w
+                    if self.spilled is not None:
+                        self.spilled[name] = block.index
+                    else:
+                        self.result.probe_bank = self.result.probe_bank or {}
+                        self.result.probe_bank[name] = w
                     continue
                 self.result.bank = self.result.bank or {}
                 self.result.bank.setdefault(name, {})[int(j)] = w
@@ -296,7 +328,7 @@ def measure(
     the refinement that evaluates whole plans (allocate.evolve); "all" keeps every
     candidate's (benchmarks compare uniform plans with it). `keep_probe` keeps each layer's
     solution at `layer_probe_candidate` in `probe_bank`, for the layer probe that follows a
-    fresh pass under the `kl` weighting. With `checkpoint_dir`, the pass
+    fresh pass under the `kl` weighting: in memory, or with a checkpoint read from it. With `checkpoint_dir`, the pass
     saves its state after every block there and `resume=True` continues from it."""
     settings = settings or GPTQSettings()
     t0 = time.perf_counter()
@@ -307,11 +339,12 @@ def measure(
         candidates=[f.to_dict() for f in candidates],
         settings=settings.solver_options(),
     )
-    client = _MeasurementPass(adapter, layers, list(candidates), settings, result, keep_weights, keep_probe)
     checkpoint = None
     if checkpoint_dir is not None:
         key = _pass_key(digest, windows, layers, candidates, settings, keep_weights, keep_probe)
         checkpoint = Checkpoint(checkpoint_dir, key)
+    spilled = {} if keep_probe and checkpoint is not None else None
+    client = _MeasurementPass(adapter, layers, list(candidates), settings, result, keep_weights, keep_probe, spilled)
     walk(
         model,
         adapter,
@@ -325,6 +358,8 @@ def measure(
         device,
         offload=offload,
     )
+    if spilled is not None:
+        result.probe_bank = StoredProbeBank(checkpoint, spilled)
     result.seconds = time.perf_counter() - t0
     return result
 
