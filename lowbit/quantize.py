@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import torch
 from torch import nn
 
 from lowbit.activations import Offload
-from lowbit.allocate.kl_probe import layer_probe_candidate, probe_layers, probe_roles
+from lowbit.allocate.kl_probe import probe_layers, probe_roles
 from lowbit.allocate.plan import Plan, Targets, allocate, find_targets
-from lowbit.allocate.sensitivity import measure, measurements_for
+from lowbit.allocate.sensitivity import layer_probe_candidate, measure, measurements_for
 from lowbit.data import calibration_data
 from lowbit.devices import resolve_device
 from lowbit.dtypes import DTYPES
@@ -175,7 +176,7 @@ def _plan(
         if not meas.kl_scale:
             meas.kl_scale = probe_roles(model, relative, cands, windows, progress)
         solved = meas.probe_bank or _layer_probe_weights(
-            model, adapter, relative, cands, windows, recipe, progress, device, offload
+            model, adapter, relative, cands, windows, recipe, progress, device, offload, work
         )
         meas.kl_layer = probe_layers(model, relative, cands, windows, meas.kl_scale, solved, progress)
         probe_seconds = time.perf_counter() - t0
@@ -190,13 +191,13 @@ def _plan(
 
 
 def _layer_probe_weights(
-    model, adapter, relative: dict[str, list[float]], cands, windows, recipe: Recipe, progress, device, offload
-) -> dict[str, torch.Tensor]:
+    model, adapter, relative: dict[str, list[float]], cands, windows, recipe: Recipe, progress, device, offload, work
+) -> Mapping[str, torch.Tensor]:
     """Each linear's GPTQ solution at the candidate the layer probe replaces it with, for
     measurements read from a file (which holds errors only; a fresh pass keeps them itself): a
-    measurement pass over just those candidates that keeps the weights."""
-    chosen = {n: layer_probe_candidate(e, cands) for n, e in relative.items()}
-    used = sorted({j for j in chosen.values() if j is not None})
+    measurement pass over just those candidates, keeping them as a fresh pass does (each layer's
+    probe candidate among them is the one among all: the rule picks the same)."""
+    used = sorted({j for e in relative.values() if (j := layer_probe_candidate(e, cands)) is not None})
     if not used:
         return {}
     solved = measure(
@@ -207,12 +208,12 @@ def _layer_probe_weights(
         windows,
         recipe.solver,
         progress,
-        keep_weights="all",
+        checkpoint_dir=None if work is None else work / "probe-solve",
         device=device,
         offload=offload,
+        keep_probe=True,
     )
-    bank = solved.bank or {}
-    return {n: bank[n][used.index(j)] for n, j in chosen.items() if j is not None and used.index(j) in bank.get(n, {})}
+    return solved.probe_bank or {}
 
 
 def _held_out_windows(tokenizer, recipe: Recipe, windows: torch.Tensor, n: int) -> torch.Tensor:

@@ -121,7 +121,9 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
     saved.save(path)
     monkeypatch.undo()
     monkeypatch.setattr(importlib.import_module("lowbit.quantize"), "probe_roles", no_probe)
-    q3 = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, **KW)
+    q3 = lowbit.quantize(
+        copy.deepcopy(model), budget_bpw=3.0, weighting="kl", measurements=path, checkpoint_dir=tmp_path / "w3", **KW
+    )
     assert q3.lowbit_info.settings["budget"]["kl_probe_seconds"] > 0
     reprobed = Measurements.load(path).kl_layer
     assert reprobed.keys() == saved.layers.keys()
