@@ -4,7 +4,9 @@ For each run (an artifact directory beside its `lowbit quantize --json` output, 
 budget_frontier.py leaves them in WORK), every layer's format is read from the manifest and its
 weighted error (the measurement file's, under `--weighting`) is summed per bit width; the run's
 KLD over that sum is the proxy's miss. Plans whose misses differ by which widths they hold show
-where the additive proxy is off (issue: budgets against the uniform frontier).
+where the additive proxy is off (issue: budgets against the uniform frontier). With `kl` and a
+measurement file holding the per-layer factors, each run's proxy without them (role scales
+only) is recorded too, and the Spearman rank correlation of each proxy with KLD over the runs.
 
     .venv/bin/python benchmarks/proxy_split.py --measurements /tmp/frontier3/measurements.json \\
         --runs /tmp/frontier3/b3.0-kl-upgrade-nf /tmp/frontier3/u-nf3-g128 \\
@@ -20,10 +22,12 @@ import platform
 import shlex
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from plan_equivalence import run_formats  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 from lowbit.allocate.sensitivity import Measurements  # noqa: E402
 from lowbit.formats import format_from_dict  # noqa: E402
@@ -68,6 +72,14 @@ def main() -> None:
     args = ap.parse_args()
     meas = Measurements.load(args.measurements)
     rows = [split(meas, run, args.weighting) for run in args.runs]
+    proxies = ["proxy"]
+    if args.weighting == "kl" and meas.kl_layer:
+        role_only = replace(meas, kl_layer={})
+        for row, run in zip(rows, args.runs, strict=True):
+            row["proxy_role_scales_only"] = split(role_only, run, "kl")["proxy"]
+        proxies.append("proxy_role_scales_only")
+    klds = [r["kld"] for r in rows]
+    spearman = {p: float(spearmanr([r[p] for r in rows], klds).statistic) for p in proxies} if len(rows) > 2 else {}
     record = {
         "date": datetime.date.today().isoformat(),
         "command": shlex.join(sys.argv),
@@ -75,6 +87,7 @@ def main() -> None:
         "weighting": args.weighting,
         "kl_scale_by_role_and_bits": kl_scales(meas),
         "rows": rows,
+        "spearman_with_kld": spearman,
     }
     args.out.write_text(json.dumps(record, indent=1))
     print("| run | bpw | KLD | proxy | KLD/proxy | proxy of 2-bit layers | 2-bit layers |")
@@ -85,6 +98,7 @@ def main() -> None:
             f"| {r['run']} | {r['bpw']:.4f} | {r['kld']:.4f} | {r['proxy']:.4f} | {r['kld_over_proxy']:.2f} "
             f"| {two:.4f} | {r['layers_by_bits'].get(2, 0)} |"
         )
+    print("Spearman with KLD: " + ", ".join(f"{p} {c:.3f}" for p, c in spearman.items()))
 
 
 if __name__ == "__main__":
