@@ -12,8 +12,8 @@ from conftest import make_tiny_model
 
 import lowbit
 from lowbit.allocate import Measurements
-from lowbit.allocate.kl_probe import layer_probe_candidate, probe_layers, probe_roles, probe_windows
-from lowbit.allocate.sensitivity import layer_role
+from lowbit.allocate.kl_probe import probe_layers, probe_roles, probe_windows
+from lowbit.allocate.sensitivity import layer_probe_candidate, layer_role
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import evaluate_windows
 from lowbit.eval.reference import build_reference
