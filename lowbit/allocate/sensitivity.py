@@ -224,7 +224,7 @@ class _MeasurementPass:
 
     def _solve(self, block: Block, group: list[str], h: torch.Tensor) -> None:
         weights = [linear_weight(block.module.get_submodule(n)).detach().float() for n in group]
-        recs, solved = {}, {name: [] for name in group}
+        recs, solved, probe = {}, {name: [] for name in group}, {}
         for name, w in zip(group, weights, strict=True):
             recs[name] = {"block": block.index, "shape": list(w.shape), "numel": w.numel(), "costs": [], "errors": []}
             recs[name]["base"] = hessian_weighted_error(w.double(), h.double())  # tr(W H Wᵀ)
@@ -240,16 +240,20 @@ class _MeasurementPass:
             )
             for name, w, qt in zip(group, weights, parts, strict=True):
                 deq = qt.dequantize()
+                errors = recs[name]["errors"]
                 recs[name]["costs"].append(fmt.storage_bits(*w.shape))
-                recs[name]["errors"].append(hessian_weighted_error((w - deq).double(), h.double()))
-                keep = self.keep_weights or self.keep_probe
-                solved[name].append(deq.to(torch.float16).cpu() if keep else None)
+                errors.append(hessian_weighted_error((w - deq).double(), h.double()))
+                solved[name].append(deq.to(torch.float16).cpu() if self.keep_weights else None)
+                # the probe's candidate is the last to be the best of those solved so far (the rule
+                # orders candidates; errors only rule some out): one copy per layer held at a time
+                pending = [None] * (len(self.candidates) - len(errors))
+                if self.keep_probe and layer_probe_candidate(errors + pending, self.candidates) == len(errors) - 1:
+                    probe[name] = deq.to(torch.float16).cpu()
         for name, rec in recs.items():
             self.result.layers[block.prefix + name] = rec
-            probe = layer_probe_candidate(rec["errors"], self.candidates) if self.keep_probe else None
-            if probe is not None:
+            if name in probe:
                 self.result.probe_bank = self.result.probe_bank or {}
-                self.result.probe_bank[block.prefix + name] = solved[name][probe]
+                self.result.probe_bank[block.prefix + name] = probe[name]
             if self.keep_weights:
                 every = [j for j, e in enumerate(rec["errors"]) if e is not None]
                 front = every if self.keep_weights == "all" else pareto_front(rec["costs"], rec["errors"])
