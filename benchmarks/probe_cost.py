@@ -10,6 +10,12 @@ result is the ratio of the whole to the measurement pass alone.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/probe_cost.py \\
         --out benchmarks/results/probe_cost.json
+
+`--probe-tokens N` probes on N positions instead of lowbit's default; `--compare-tokens M`
+then probes again on M positions from the same measurements and solutions, after the timed
+part (the timings are written first), and records how far the two sets of factors agree
+(Spearman; the spread of their ratio). `--keep DIR` keeps the measurement file (with the
+timed run's factors) for budget runs to reuse.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 import lowbit
+from lowbit.allocate import kl_probe
 from lowbit.allocate.plan import find_targets
 from lowbit.data import calibration_data
 from lowbit.dtypes import DTYPES
@@ -48,6 +56,18 @@ def timed(seconds: dict[str, float], key: str, fn):
     return wrapper
 
 
+def agreement(a: dict[str, float], b: dict[str, float]) -> dict:
+    """How alike two probes' per-layer figures are: rank correlation and the spread of b / a."""
+    keys = [k for k in a if a[k] > 0 and b.get(k, 0) > 0]
+    ratios = sorted(b[k] / a[k] for k in keys)
+    pick = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]  # noqa: E731
+    return {
+        "n": len(keys),
+        "spearman": float(spearmanr([a[k] for k in keys], [b[k] for k in keys]).statistic),
+        "ratio_quantiles": {q: pick(q) for q in (0.0, 0.05, 0.25, 0.5, 0.75, 0.95)} | {1.0: ratios[-1]},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -55,7 +75,11 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--probe-tokens", type=int, default=kl_probe.PROBE_TOKENS, help="positions the probes score")
+    ap.add_argument("--compare-tokens", type=int, help="probe again on this many positions and compare")
+    ap.add_argument("--keep", type=Path, help="folder to keep the measurement file in (default: a temporary one)")
     args = ap.parse_args()
+    kl_probe.PROBE_TOKENS = args.probe_tokens
     loaded = lowbit.load_model(args.model)
     model = loaded.model
     recipe = Recipe.build(budget_bpw=args.bits, weighting="kl", nsamples=args.nsamples, seqlen=args.seqlen)
@@ -66,12 +90,25 @@ def main() -> None:
     seconds: dict[str, float] = {}
     q.measurements_for = timed(seconds, "measurement_pass", q.measurements_for)
     q.probe_roles = timed(seconds, "role_probe", q.probe_roles)
-    q.probe_layers = timed(seconds, "layer_probe", q.probe_layers)
+    stash: dict = {}
+
+    def keeping(fn):
+        def wrapper(*a, **k):
+            out = fn(*a, **k)
+            stash[fn.__name__] = (a, k, out)
+            return out
+
+        return wrapper
+
+    q.probe_roles = keeping(q.probe_roles)
+    q.probe_layers = timed(seconds, "layer_probe", keeping(q.probe_layers))
     q._layer_probe_weights = timed(seconds, "layer_probe_second_solve", q._layer_probe_weights)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         q.round_parameters(model, DTYPES[recipe.storage_dtype])
         t0 = time.perf_counter()
-        path = Path(tmp) / "m.json"
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        path = (args.keep or Path(tmp)) / "measurements.json"
         plan = q._plan(model, adapter, recipe, targets, windows, loaded.tokenizer, path, None, False, True, None, None)
         total = time.perf_counter() - t0
     measured = seconds["measurement_pass"]
@@ -85,10 +122,45 @@ def main() -> None:
         "seconds": {**seconds, "plan_total": total},
         "with_probes_over_measurement_pass": total / measured,
         "achieved_bpw": plan.budget["achieved_bpw"],
+        "probe_tokens": args.probe_tokens,
     }
     args.out.write_text(json.dumps(record, indent=1))
     print(json.dumps(record["seconds"], indent=1))
     print(f"measurement pass + probes = {record['with_probes_over_measurement_pass']:.2f} x the measurement pass")
+    if args.compare_tokens:
+        record["comparison"] = compare(stash, args.compare_tokens)
+        args.out.write_text(json.dumps(record, indent=1))
+        print(json.dumps({k: v for k, v in record["comparison"].items() if "agreement" in k}, indent=1))
+
+
+def compare(stash: dict, tokens: int) -> dict:
+    """Both probes again on `tokens` positions, from the timed run's inputs (not timed)."""
+    (model, relative, cands, windows, timed_scale, solved, *_), _, timed_layer = stash["probe_layers"]
+    kl_probe.PROBE_TOKENS = tokens
+    with torch.no_grad():
+        new_scale = kl_probe.probe_roles(model, relative, cands, windows, progress=True)
+        new_layer = kl_probe.probe_layers(model, relative, cands, windows, new_scale, solved, progress=True)
+
+    def per_layer(sc, fa):  # KL per unit of relative error each layer's probe candidate is priced at
+        out = {}
+        for n, e in relative.items():
+            j = kl_probe.layer_probe_candidate(e, cands)
+            if j is not None:
+                out[n] = sc[kl_probe.layer_role(n)][j] * fa[n]
+        return out
+
+    roles = {f"{r}@{c.name}": v for r, row in timed_scale.items() for c, v in zip(cands, row, strict=True)}
+    new_roles = {f"{r}@{c.name}": v for r, row in new_scale.items() for c, v in zip(cands, row, strict=True)}
+    return {
+        "tokens": tokens,
+        "role_scale": new_scale,
+        "layer_factor": new_layer,
+        "timed_role_scale": timed_scale,
+        "timed_layer_factor": timed_layer,
+        "role_scale_agreement": agreement(roles, new_roles),
+        "layer_factor_agreement": agreement(timed_layer, new_layer),
+        "layer_price_agreement": agreement(per_layer(timed_scale, timed_layer), per_layer(new_scale, new_layer)),
+    }
 
 
 if __name__ == "__main__":

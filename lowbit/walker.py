@@ -375,6 +375,15 @@ class Checkpoint:
         except Exception as exc:  # noqa: BLE001 - as _load
             raise CheckpointError(f"resume file {file} is missing or damaged ({exc}); delete {self.path}") from exc
 
+    def tensor_keys(self, index: int) -> list[str]:
+        """The names of block `index`'s saved tensors, without reading them."""
+        file = self.path / f"block_{index}.safetensors"
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # noqa: BLE001 - as _load
+            raise CheckpointError(f"resume file {file} is missing or damaged ({exc}); delete {self.path}") from exc
+
     def load_inputs(self, index: int) -> list[torch.Tensor]:
         tensors = self._load(self.path / f"inputs_{index}.safetensors")
         return [tensors[f"batch_{b}"] for b in range(len(tensors))]

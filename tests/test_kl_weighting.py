@@ -130,6 +130,39 @@ def test_a_kl_weighted_budget_probes_once_and_saves_the_probe_with_the_measureme
     assert all(reprobed[n] == pytest.approx(f, rel=1e-5) for n, f in fresh.items())
 
 
+def test_a_run_stopped_during_the_probes_reads_the_solutions_back_from_the_measure_checkpoint(tmp_path, monkeypatch):
+    """The measurement file is written before the probes; a run stopped in the layer probe and
+    resumed reuses it and takes the probe solutions its pass left in the checkpoint (no second
+    solve), and gets the factors of a run never stopped."""
+    model = make_tiny_model("llama")
+    mod = importlib.import_module("lowbit.quantize")
+    path, work = tmp_path / "measurements.json", tmp_path / "work"
+    real = mod.probe_layers
+
+    def stopped(*a, **k):
+        raise RuntimeError("stopped in the layer probe")
+
+    def no_solve(*a, **k):
+        raise AssertionError("solved the probe candidates again")
+
+    run = dict(budget_bpw=3.5, weighting="kl", measurements=path, checkpoint_dir=work, **KW)
+    monkeypatch.setattr(mod, "probe_layers", stopped)
+    with pytest.raises(RuntimeError, match="stopped in the layer probe"):
+        lowbit.quantize(copy.deepcopy(model), **run)
+    assert path.exists() and not Measurements.load(path).kl_layer
+    monkeypatch.setattr(mod, "probe_layers", real)
+    monkeypatch.setattr(mod, "_layer_probe_weights", no_solve)
+    q = lowbit.quantize(copy.deepcopy(model), resume=True, **run)
+    assert q.lowbit_info.settings["budget"]["measurements_reused"]
+    resumed = Measurements.load(path).kl_layer
+    monkeypatch.undo()
+    lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=tmp_path / "m2.json", **KW)
+    fresh = Measurements.load(tmp_path / "m2.json").kl_layer
+    assert resumed.keys() == fresh.keys() and len(fresh) > 0
+    assert all(resumed[n] == pytest.approx(f, rel=1e-5) for n, f in fresh.items())
+    assert any(f != 1.0 for f in fresh.values())  # (probed, not the default)
+
+
 def test_the_role_probe_skips_a_candidate_a_role_cannot_hold():
     """int3 g64 unheld by the attention roles (inf, as for k-quants on rows not of 256): their
     int3 probe falls to int3 g32; down_proj still probes its widest int3; a width a role holds

@@ -27,7 +27,7 @@ from torch import nn
 
 from lowbit.activations import Offload
 from lowbit.digests import model_digest, windows_digest
-from lowbit.errors import LowbitError
+from lowbit.errors import CheckpointError, LowbitError
 from lowbit.formats import Format, format_from_dict
 from lowbit.models.adapters import ArchAdapter, linear_weight
 from lowbit.recipe import WEIGHTINGS, GPTQSettings
@@ -184,6 +184,27 @@ class StoredProbeBank(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+
+def finished_probe_bank(checkpoint: Checkpoint, layers: list[str]) -> StoredProbeBank | None:
+    """The probe solutions a finished measurement pass left in its checkpoint, so a run stopped
+    during the probes that follow it does not solve them again; None when the checkpoint is
+    absent, another pass's, or not finished (every layer measured)."""
+    if not checkpoint.exists():
+        return None
+    try:
+        state = checkpoint.read_state()
+        if set(state["client"]["layers"]) != set(layers):
+            return None
+        blocks = {}
+        for index in range(int(state["blocks_done"])):
+            for key in checkpoint.tensor_keys(index):
+                name, _, kind = key.rpartition(":")
+                if kind == "probe":
+                    blocks[name] = index
+    except (CheckpointError, KeyError):
+        return None
+    return StoredProbeBank(checkpoint, blocks)
 
 
 class _MeasurementPass:
@@ -407,13 +428,17 @@ def measurements_for(
     (refused, naming the mismatch, when it holds another's); otherwise measured, and saved to
     `path`. Returns them and whether they were reused. Every layer is measured, pinned or not,
     so one file serves other keep rules too. `keep_weights` (the refinement's bank) is never in
-    a file, so it always measures; `keep_probe` is kept only by a pass that runs anyway."""
+    a file, so it always measures; `keep_probe` is kept only by a pass that runs anyway, or read
+    back from that pass's checkpoint when a file without layer factors is reused (a resumed run)."""
     key = (model_digest(model), windows_digest(windows), [f.to_dict() for f in candidates])
     path = Path(path) if path is not None else None
     if path is not None and path.exists():
         meas = Measurements.load(path)
         meas.check_matches(*key, path=str(path))
         if not keep_weights:
+            if keep_probe and checkpoint_dir is not None and not meas.kl_layer:
+                pass_key = _pass_key(key[0], windows, layers, candidates, settings or GPTQSettings(), False, True)
+                meas.probe_bank = finished_probe_bank(Checkpoint(checkpoint_dir, pass_key), layers)
             return meas, True
         logger.warning("refinement needs every candidate's weights: measuring again (the file has errors only)")
     meas = measure(
