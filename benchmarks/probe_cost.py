@@ -11,7 +11,8 @@ result is the ratio of the whole to the measurement pass alone.
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/probe_cost.py \\
         --out benchmarks/results/probe_cost.json
 
-`--probe-tokens N` probes on N positions instead of lowbit's default; `--compare-tokens M`
+`--probe-tokens N` probes on N positions instead of lowbit's default (WEIGHTING_PROBE_TOKENS;
+the results of 2026-12-02 before it existed, probe_cost.json, probed 2048); `--compare-tokens M`
 then probes again on M positions from the same measurements and solutions, after the timed
 part (the timings are written first), and records how far the two sets of factors agree
 (Spearman; the spread of their ratio). `--keep DIR` keeps the measurement file (with the
@@ -75,11 +76,13 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--probe-tokens", type=int, default=kl_probe.PROBE_TOKENS, help="positions the probes score")
+    ap.add_argument(
+        "--probe-tokens", type=int, default=kl_probe.WEIGHTING_PROBE_TOKENS, help="positions the probes score"
+    )
     ap.add_argument("--compare-tokens", type=int, help="probe again on this many positions and compare")
     ap.add_argument("--keep", type=Path, help="folder to keep the measurement file in (default: a temporary one)")
     args = ap.parse_args()
-    kl_probe.PROBE_TOKENS = args.probe_tokens
+    kl_probe.WEIGHTING_PROBE_TOKENS = args.probe_tokens
     loaded = lowbit.load_model(args.model)
     model = loaded.model
     recipe = Recipe.build(budget_bpw=args.bits, weighting="kl", nsamples=args.nsamples, seqlen=args.seqlen)
@@ -136,7 +139,7 @@ def main() -> None:
 def compare(stash: dict, tokens: int) -> dict:
     """Both probes again on `tokens` positions, from the timed run's inputs (not timed)."""
     (model, relative, cands, windows, timed_scale, solved, *_), _, timed_layer = stash["probe_layers"]
-    kl_probe.PROBE_TOKENS = tokens
+    kl_probe.WEIGHTING_PROBE_TOKENS = tokens
     with torch.no_grad():
         new_scale = kl_probe.probe_roles(model, relative, cands, windows, progress=True)
         new_layer = kl_probe.probe_layers(model, relative, cands, windows, new_scale, solved, progress=True)

@@ -11,8 +11,8 @@ import torch
 from conftest import make_tiny_model
 
 import lowbit
-from lowbit.allocate import Measurements
-from lowbit.allocate.kl_probe import probe_layers, probe_roles, probe_windows
+from lowbit.allocate import Measurements, kl_probe
+from lowbit.allocate.kl_probe import WEIGHTING_PROBE_TOKENS, probe_layers, probe_roles, probe_windows
 from lowbit.allocate.sensitivity import layer_probe_candidate, layer_role
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import evaluate_windows
@@ -47,7 +47,7 @@ def test_the_role_probe_measures_kl_per_unit_of_error_at_the_measured_error_size
 
     # redo one probe by hand: every down_proj moved toward its int3 g64 rounding until its relative
     # output error is the stated 0.006; the KL of that, per unit of the summed error
-    windows = probe_windows(WINDOWS)
+    windows = probe_windows(WINDOWS, WEIGHTING_PROBE_TOKENS)
     ref = build_reference(model, windows, progress=False)
     moved = copy.deepcopy(model)
     fmt, names = CANDIDATES[2], [n for n in linears if n.endswith("down_proj")]
@@ -241,7 +241,7 @@ def test_the_layer_probe_scores_each_linear_alone_against_its_role_prediction_an
     assert walks == [{n} for n in linears if n != missing]
     assert one_by_one == pytest.approx(factors, rel=1e-6)
 
-    windows = probe_windows(WINDOWS)
+    windows = probe_windows(WINDOWS, WEIGHTING_PROBE_TOKENS)
     ref = build_reference(model, windows, progress=False)
     for name in (linears[2], linears[-1]):
         swapped = copy.deepcopy(model)
@@ -301,3 +301,34 @@ def _record_loaded_blocks(monkeypatch, lazy) -> list[int]:
         walker.Block, "run", lambda self, *a, **k: held.append(_loaded_blocks(lazy)) or run(self, *a, **k)
     )
     return held
+
+
+def test_the_weighting_probes_score_fewer_positions_than_the_table_probe(monkeypatch):
+    """The role and layer probes walk the first WEIGHTING_PROBE_TOKENS positions (half of the
+    table probe's PROBE_TOKENS: half the cost), the table probe the first PROBE_TOKENS."""
+    model = make_tiny_model("llama")
+    linears = [n for n, _ in quantizable_linears(model, get_adapter("llama"))]
+    errors = {n: [0.1, 0.05, 0.04, 0.001] for n in linears}
+    solved = {linears[0]: linear_weight(model.get_submodule(linears[0])).detach().clone()}
+    windows = torch.randint(2, 256, (40, 128), generator=torch.Generator().manual_seed(1))
+    walked = []
+
+    class Walked(Exception):
+        pass
+
+    def spy(model, adapter, windows, *a, **k):
+        walked.append(tuple(windows.shape))
+        raise Walked
+
+    monkeypatch.setattr(kl_probe, "walk", spy)
+    scale = {layer_role(n): [1.0] * len(CANDIDATES) for n in linears}
+    for probe in (
+        lambda: probe_roles(model, errors, CANDIDATES, windows, progress=False),
+        lambda: probe_layers(model, errors, CANDIDATES, windows, scale, solved, progress=False),
+        lambda: kl_probe.probe_tables(model, linears, [], CANDIDATES, windows, progress=False),
+    ):
+        with pytest.raises(Walked):
+            probe()
+    assert kl_probe.WEIGHTING_PROBE_TOKENS < kl_probe.PROBE_TOKENS
+    weighting, table = kl_probe.WEIGHTING_PROBE_TOKENS // 128, kl_probe.PROBE_TOKENS // 128
+    assert walked == [(weighting, 128), (weighting, 128), (table, 128)]

@@ -52,7 +52,11 @@ from lowbit.walker import Block, Unresumable, capture_block_calls, walk
 
 logger = logging.getLogger(__name__)
 
-PROBE_TOKENS = 2048  # positions scored per probe: 4 windows of 512
+PROBE_TOKENS = 2048  # positions the table probe scores: 4 windows of 512
+# positions the `kl` weighting's role and layer probes score: 2 windows of 512. On smollm2-135m
+# that cut their cost from 0.77 to 0.41 times the measurement pass, with the same ranking of
+# layers as on 4 windows (benchmarks/results/probe_cost_1024.json; BENCHMARKS "What the probes cost")
+WEIGHTING_PROBE_TOKENS = 1024
 # what the layer probe's perturbed streams may hold at once; more linears than fit take more
 # walks (smollm2-135m's 210 streams of 4.7 MB fit in one)
 STREAM_BYTES = 1 << 30
@@ -82,8 +86,9 @@ class TableProbe:
         return {**asdict(self), "scale": self.scale}
 
 
-def probe_windows(windows: torch.Tensor) -> torch.Tensor:
-    n = max(1, -(-PROBE_TOKENS // windows.shape[1]))
+def probe_windows(windows: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+    """The first windows that hold `tokens` positions (default PROBE_TOKENS), at least one."""
+    n = max(1, -(-(tokens or PROBE_TOKENS) // windows.shape[1]))
     return windows[:n]
 
 
@@ -216,7 +221,7 @@ def probe_roles(
     of its measured error, so the probe perturbs the model as much as that width's solutions
     will. Round-to-nearest at 2 bits is far worse than GPTQ's (smollm2: KLD 9.6 against 1.8)
     and would measure KL in a regime no plan reaches."""
-    windows = probe_windows(windows)
+    windows = probe_windows(windows, WEIGHTING_PROBE_TOKENS)
     linears = list(errors)
     roles: dict[str, list[str]] = {}
     for n in linears:
@@ -351,7 +356,7 @@ def probe_layers(
     probe candidate get 1. When their streams would hold more than `stream_bytes`, the linears
     are probed in consecutive groups, one walk each (the same factors; each walk also runs the
     float stream)."""
-    windows = probe_windows(windows)
+    windows = probe_windows(windows, WEIGHTING_PROBE_TOKENS)
     probed = {n: j for n in errors if n in solved and (j := layer_probe_candidate(errors[n], candidates)) is not None}
     batch = len(windows)
     reference = build_reference(model, windows, batch, progress=False)
