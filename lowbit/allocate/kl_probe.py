@@ -58,7 +58,7 @@ PROBE_TOKENS = 2048  # positions the table probe scores: 4 windows of 512
 # layers as on 4 windows (benchmarks/results/probe_cost_1024.json; BENCHMARKS "What the probes cost")
 WEIGHTING_PROBE_TOKENS = 1024
 # what the layer probe's perturbed streams may hold at once; more linears than fit take more
-# walks (smollm2-135m's 210 streams of 4.7 MB fit in one)
+# walks (smollm2-135m's 210 streams of 2.4 MB fit in one)
 STREAM_BYTES = 1 << 30
 
 
