@@ -368,19 +368,17 @@ class Checkpoint:
 
     def load_tensor(self, index: int, key: str) -> torch.Tensor:
         """One of block `index`'s saved tensors, read alone."""
-        file = self.path / f"block_{index}.safetensors"
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return f.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001 - as _load
-            raise CheckpointError(f"resume file {file} is missing or damaged ({exc}); delete {self.path}") from exc
+        return self._read_block(index, lambda f: f.get_tensor(key))
 
     def tensor_keys(self, index: int) -> list[str]:
         """The names of block `index`'s saved tensors, without reading them."""
+        return self._read_block(index, lambda f: list(f.keys()))
+
+    def _read_block(self, index: int, read: Callable[[Any], Any]) -> Any:
         file = self.path / f"block_{index}.safetensors"
         try:
             with safe_open(str(file), framework="pt") as f:
-                return list(f.keys())
+                return read(f)
         except Exception as exc:  # noqa: BLE001 - as _load
             raise CheckpointError(f"resume file {file} is missing or damaged ({exc}); delete {self.path}") from exc
 
