@@ -299,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
+    r = sub.add_parser(
+        "rotate",
+        help="write a float copy of a model with its residual stream rotated (same function, easier to "
+        "quantize); quantize that copy",
+    )
+    r.add_argument("model", help="HF model directory, .gguf file, hub id, or alias (llama, mistral, qwen2, qwen3)")
+    r.add_argument("--out", required=True, help="the Hugging Face checkpoint directory to write (float32)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrix (default 0)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    r.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+
     i = sub.add_parser("inspect", help="show what an artifact holds: formats, bpw, sizes, results")
     i.add_argument("artifact", help="artifact directory written by lowbit quantize")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
@@ -516,6 +527,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from lowbit.transforms.rotation import write_rotated
+
+    rotation = write_rotated(args.model, args.out, args.seed, args.overwrite, args.trust_remote_code)
+    untied = "; the head was tied to the embedding and is now a second table" if rotation.untied_head else ""
+    change = f"largest change {rotation.max_block_error:.1e} of a block's output"
+    print(f"wrote {args.out}: rotated {rotation.width}-wide residual stream ({change}){untied}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit.artifact import read_manifest
     from lowbit.formats import format_from_dict
@@ -615,7 +636,13 @@ def _tables_text(budget: dict) -> str:
     return "; embedding/head: " + ", ".join(parts)
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export, "inspect": cmd_inspect}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "rotate": cmd_rotate,
+    "inspect": cmd_inspect,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
