@@ -306,7 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("model", help="HF model directory, .gguf file, hub id, or alias (llama, mistral, qwen2, qwen3)")
     r.add_argument("--out", required=True, help="the Hugging Face checkpoint directory to write (float32)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrix (default 0)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrices (default 0)")
+    r.add_argument(
+        "--heads",
+        action="store_true",
+        help="also rotate each attention head's values (v_proj rows, o_proj inputs; SpinQuant's R2)",
+    )
+    r.add_argument(
+        "--no-residual",
+        dest="residual",
+        action="store_false",
+        help="leave the residual stream alone (with --heads: only the heads; a tied head stays tied)",
+    )
     r.add_argument("--overwrite", action="store_true", help="replace an existing output")
     r.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
 
@@ -530,10 +541,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_rotate(args: argparse.Namespace) -> int:
     from lowbit.transforms.rotation import write_rotated
 
-    rotation = write_rotated(args.model, args.out, args.seed, args.overwrite, args.trust_remote_code)
+    rotation = write_rotated(
+        args.model, args.out, args.seed, args.residual, args.heads, args.overwrite, args.trust_remote_code
+    )
+    what = [f"the {rotation.width}-wide residual stream"] if rotation.residual else []
+    what += ["every attention head's values"] if rotation.heads else []
     untied = "; the head was tied to the embedding and is now a second table" if rotation.untied_head else ""
     change = f"largest change {rotation.max_block_error:.1e} of a block's output"
-    print(f"wrote {args.out}: rotated {rotation.width}-wide residual stream ({change}){untied}")
+    print(f"wrote {args.out}: rotated {' and '.join(what)} ({change}){untied}")
     return 0
 
 

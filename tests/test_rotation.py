@@ -54,6 +54,36 @@ def test_a_rotated_model_computes_the_same_logits(arch):
     assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q_proj_before, atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_rotating_the_attention_heads_values_keeps_the_logits(arch, residual):
+    model = _with_uneven_norms(make_tiny_model(arch))
+    if arch == "qwen2":  # a value bias must turn with its rows
+        with torch.no_grad():
+            model.model.layers[0].self_attn.v_proj.bias.normal_(0, 0.5)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens).logits
+    v_before = model.model.layers[1].self_attn.v_proj.weight.clone()
+    rotation = rotate(model, residual=residual, heads=True)
+    assert rotation.heads and rotation.residual == residual
+    with torch.no_grad():
+        assert (model(tokens).logits - before).abs().max() <= 1e-4
+    if not residual:  # the values' rows really turned
+        assert not torch.allclose(model.model.layers[1].self_attn.v_proj.weight, v_before, atol=1e-3)
+
+
+def test_heads_alone_leave_a_tied_head_tied_and_nothing_to_rotate_is_refused(capsys, tmp_path, tiny_model_dir):
+    model = make_tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert not rotate(model, residual=False, heads=True).untied_head
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert main(["rotate", str(tiny_model_dir), "--out", str(tmp_path / "r"), "--no-residual"]) == 1
+    assert "nothing to rotate: drop --no-residual or add --heads" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_head_tied_to_the_embedding_becomes_its_own_table():
     model = make_tiny_model("llama")
     model.config.tie_word_embeddings = True
@@ -89,7 +119,7 @@ def test_a_block_the_rotation_does_not_preserve_is_named():
 def test_the_rotate_command_writes_a_checkpoint_that_loads_and_quantizes(capsys, tmp_path, tiny_model_dir, text_file):
     out = tmp_path / "rotated"
     assert main(["rotate", str(tiny_model_dir), "--out", str(out), "--seed", "5"]) == 0
-    assert "rotated 64-wide residual stream" in capsys.readouterr().out
+    assert "rotated the 64-wide residual stream (" in capsys.readouterr().out
     record = json.loads((out / ROTATION_FILE).read_text())
     assert record["seed"] == 5 and record["source"] == load_model(tiny_model_dir).source.identity
 

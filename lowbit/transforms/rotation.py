@@ -44,7 +44,8 @@ class RotationError(UnsupportedArchitectureError):
 class Rotation:
     """What was done to a model, recorded beside the rotated checkpoint."""
 
-    kind: str
+    residual: bool  # the residual stream (R1)
+    heads: bool  # each attention head's values and o_proj's inputs (R2)
     seed: int
     width: int
     untied_head: bool
@@ -83,21 +84,52 @@ def check_rotatable(model: nn.Module) -> None:
                 raise RotationError(f"block {i} has no {norm}; this {model_type} variant cannot be rotated")
 
 
-def rotate(model: nn.Module, seed: int = 0, probe_tokens: int = 16) -> Rotation:
+def rotate(
+    model: nn.Module, seed: int = 0, residual: bool = True, heads: bool = False, probe_tokens: int = 16
+) -> Rotation:
     """Rotate `model` in place; checks block by block that it still computes the same function.
 
-    A short random token sequence runs through the model before and after; each block's output,
-    rotated back, must match within TOLERANCE of its largest entry, or the first block that does
-    not is named (the weights are then left rotated: reload the model)."""
+    `residual` rotates the residual stream (R1: every linear of a block, the tables and the head);
+    `heads` rotates each attention head's values (R2: v_proj's rows and o_proj's inputs, head by
+    head, with one head_dim x head_dim matrix; free of any untying). A short random token sequence
+    runs through the model before and after; each block's output, rotated back, must match within
+    TOLERANCE of its largest entry, or the first block that does not is named (the weights are then
+    left rotated: reload the model)."""
+    if not (residual or heads):
+        raise RotationError("nothing to rotate: choose the residual stream, the attention heads, or both")
     check_rotatable(model)
     width = model.config.hidden_size
-    q = orthogonal(width, seed)
+    q = orthogonal(width, seed) if residual else None
     tokens = torch.randint(0, model.config.vocab_size, (1, probe_tokens), generator=torch.Generator().manual_seed(seed))
     before = _hidden_states(model, tokens)
 
-    tied = _tied(model)
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    tied = _tied(model) and residual
+    if residual:
+        _rotate_residual(model, q, tied)
+    if heads:
+        head_dim = getattr(model.config, "head_dim", None) or width // model.config.num_attention_heads
+        r = orthogonal(head_dim, seed + 1)
+        for block in _blocks(model):
+            _rotate_values(block.self_attn, r)
+
+    after = _hidden_states(model, tokens)
+    worst = 0.0
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        expected = b if q is None or i == len(before) - 1 else b @ q  # the logits are not rotated
+        err = ((a - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+        worst = max(worst, err)
+        if not err <= TOLERANCE:
+            where = "the embedding" if i == 0 else "the output head" if i == len(before) - 1 else f"block {i - 1}"
+            raise RotationError(
+                f"rotation changed the output of {where} by {err:.2e} of its largest value "
+                f"(tolerance {TOLERANCE:g}); this model's layout is not the {model.config.model_type} one "
+                "the rotation folds (an unusual norm or residual); quantize it without rotation"
+            )
+    return Rotation(residual, heads, seed, width, tied, worst)
+
+
+def _rotate_residual(model: nn.Module, q: torch.Tensor, tied: bool) -> None:
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if tied:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
@@ -112,20 +144,20 @@ def rotate(model: nn.Module, seed: int = 0, probe_tokens: int = 16) -> Rotation:
         _write_rotated(mlp.down_proj, q)
     _fold_norm_into(model.model.norm, [head], q)
 
-    after = _hidden_states(model, tokens)
-    worst = 0.0
-    for i, (b, a) in enumerate(zip(before, after, strict=True)):
-        expected = b if i == len(before) - 1 else b @ q  # the logits are not rotated
-        err = ((a - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
-        worst = max(worst, err)
-        if not err <= TOLERANCE:
-            where = "the embedding" if i == 0 else "the output head" if i == len(before) - 1 else f"block {i - 1}"
-            raise RotationError(
-                f"rotation changed the output of {where} by {err:.2e} of its largest value "
-                f"(tolerance {TOLERANCE:g}); this model's layout is not the {model.config.model_type} one "
-                "the rotation folds (an unusual norm or residual); quantize it without rotation"
-            )
-    return Rotation("hadamard-residual", seed, width, tied, worst)
+
+@torch.no_grad()
+def _rotate_values(attn: nn.Module, r: torch.Tensor) -> None:
+    """Every head's values V_h become V_h R (v_proj's rows, and its bias, per head) and o_proj reads
+    them through R^T (its input columns per head), so attention's output is unchanged: the
+    attention weights mix a head's value vectors, never their coordinates."""
+    v, o = attn.v_proj, attn.o_proj
+    hd = r.shape[0]
+    w = v.weight.double().reshape(-1, hd, v.in_features)
+    _set(v, torch.einsum("dk,hdi->hki", r, w).reshape(v.weight.shape).to(v.weight.dtype))
+    if v.bias is not None:
+        v.bias.data = (v.bias.double().reshape(-1, hd) @ r).reshape(v.bias.shape).to(v.bias.dtype)
+    wo = o.weight.double().reshape(o.out_features, -1, hd)
+    _set(o, (wo @ r).reshape(o.weight.shape).to(o.weight.dtype))
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -176,7 +208,13 @@ ROTATION_FILE = "lowbit_rotation.json"
 
 
 def write_rotated(
-    spec: str, out: str | os.PathLike, seed: int = 0, overwrite: bool = False, trust_remote_code: bool = False
+    spec: str,
+    out: str | os.PathLike,
+    seed: int = 0,
+    residual: bool = True,
+    heads: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Rotation:
     """Load `spec` whole in float32, rotate it and write a Hugging Face checkpoint folder (safetensors,
     config, tokenizer, and ROTATION_FILE saying what was done), renamed into place when complete."""
@@ -184,11 +222,13 @@ def write_rotated(
     from lowbit.models.loading import load_model
 
     out = check_output_dir(out, overwrite)
+    if not (residual or heads):
+        raise RotationError("nothing to rotate: drop --no-residual or add --heads")
     loaded = load_model(spec, torch.float32, trust_remote_code=trust_remote_code)
     if loaded.source.kind == "artifact":
         raise RotationError(f"{spec} is a quantized lowbit artifact; rotate the float model it was made from")
     check_rotatable(loaded.model)
-    rotation = rotate(loaded.model, seed)
+    rotation = rotate(loaded.model, seed, residual=residual, heads=heads)
     _forget_source_quantization(loaded.model)
     with staged_dir(Path(out)) as tmp:
         loaded.model.save_pretrained(tmp)

@@ -1,0 +1,146 @@
+"""The residual rotation (`lowbit rotate`) against the plain model: the same `lowbit quantize` runs
+on both, smollm2-135m, quick protocol (issue: better bits below 3.5 bpw).
+
+Every step is the CLI in its own process, as a user runs it. First `lowbit rotate MODEL --out
+WORK/rotated` (kept if there), and `lowbit eval WORK/rotated --reference MODEL`: the float cost
+of the rotation itself (should be ~0). Then, for each run spec, `lowbit quantize ... --eval --quick
+--json` on the rotated copy and, with `--plain`, on MODEL itself. Run specs:
+
+    u:BITS:GROUP     the uniform integer format, GPTQ          u:FORMAT   a named format (nf3-g128)
+    b:BPW            a bit budget with the default allocator; budget runs of one model share a
+                     measurement file in WORK
+
+Every run's KLD is against its own float model; the rotated float model's KLD against MODEL is
+recorded so the two can be added. A finished run's JSON in WORK is reused. The results file is
+rewritten after every run, with every command, the machine and the date.
+
+    LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/rotation.py --work /tmp/rot \\
+        --runs u:3:128 u:4:128 b:3.0 b:3.5 b:4.25 --plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "rotation.json"
+
+
+def spec_args(spec: str) -> tuple[str, list[str]]:
+    kind, *rest = spec.split(":")
+    if kind == "u" and len(rest) == 2:
+        return f"u-int{rest[0]}g{rest[1]}", ["--bits", rest[0], "--group-size", rest[1]]
+    if kind == "u" and len(rest) == 1:
+        return f"u-{rest[0]}", ["--format", rest[0]]
+    if kind == "b" and len(rest) == 1:
+        return f"b{rest[0]}", ["--bits", rest[0]]
+    raise SystemExit(f"bad run spec {spec!r}: u:BITS:GROUP, u:FORMAT or b:BPW")
+
+
+def run(cmd: list[str], log: Path, commands: list[str]) -> tuple[dict, float] | None:
+    """Run one CLI command, its JSON on stdout; None (and the log named) when it fails."""
+    commands.append(shlex.join(cmd))
+    print(f"=== {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    with log.with_suffix(".json").open("w") as out, log.with_suffix(".err").open("w") as err:
+        rc = subprocess.run(cmd, stdout=out, stderr=err, check=False).returncode
+    if rc:
+        log.with_suffix(".json").unlink()
+        print(f"failed (exit {rc}); see {log.with_suffix('.err')}", file=sys.stderr)
+        return None
+    return json.loads(log.with_suffix(".json").read_text()), time.perf_counter() - start
+
+
+def cached(log: Path) -> dict | None:
+    path = log.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="the rotated model, artifacts, logs, measurements")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--runs", nargs="+", required=True, help="run specs (see above)")
+    ap.add_argument("--plain", action="store_true", help="run the same specs on the unrotated model too")
+    ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
+    ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    commands: list[str] = []
+    results: dict = {
+        "script": "benchmarks/rotation.py",
+        "argv": shlex.join(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {platform.processor() or '?'}, {__import__('os').cpu_count()} CPUs",
+        "model": args.model,
+        "protocol": "quick",
+        "commands": commands,
+        "rows": [],
+    }
+
+    rotated = args.work / "rotated"
+    if not rotated.is_dir():
+        cmd = [args.lowbit, "rotate", args.model, "--out", str(rotated), "--seed", str(args.seed)]
+        commands.append(shlex.join(cmd))
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        results["rotate_s"] = time.perf_counter() - start
+    results["rotation"] = json.loads((rotated / "lowbit_rotation.json").read_text())
+    float_log = args.work / "rotated-float"
+    done = cached(float_log)
+    if done is None:
+        cmd = [args.lowbit, "eval", str(rotated), "--reference", args.model, "--quick", "--json"]
+        got = run(cmd, float_log, commands)
+        done = got[0] if got else None
+    if done:
+        results["rotated_float_vs_model"] = {k: done.get(k) for k in ("kld", "perplexity", "top1_agreement")}
+
+    models = [("rotated", str(rotated))] + ([("plain", args.model)] if args.plain else [])
+    for spec in args.runs:
+        name, spec_cli = spec_args(spec)
+        for label, model in models:
+            log = args.work / f"{label}-{name}"
+            extra = ["--measurements", str(args.work / f"{label}-measurements.json")] if name.startswith("b") else []
+            r, seconds = cached(log), None
+            cmd = [args.lowbit, "quantize", model, *spec_cli, *extra, "--out", str(log.with_suffix(""))]
+            cmd += ["--overwrite", "--eval", "--quick", "--json"]
+            if r is not None:
+                commands.append("reused (an earlier run of this script): " + shlex.join(cmd))
+            else:
+                got = run(cmd, log, commands)
+                if got is None:
+                    continue
+                r, seconds = got
+            ev, b = r["evaluation"], r.get("budget") or {}
+            results["rows"].append(
+                {
+                    "model": label,
+                    "run": name,
+                    "bpw": r["bits_per_weight"],
+                    "artifact_bytes": r["artifact_bytes"],
+                    "kld": ev["kld"],
+                    "ppl": ev["perplexity"],
+                    "top1": ev["top1_agreement"],
+                    "quantize_s": r["quantize_seconds"],
+                    "wall_s": seconds,
+                    "measure_s": b.get("measurement_seconds") if b and not b.get("measurements_reused") else None,
+                }
+            )
+            args.results.write_text(json.dumps(results, indent=1) + "\n")
+    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    print("\n| model | run | bpw | MB | KLD | ppl | top-1 |\n|---|---|---|---|---|---|---|")
+    for x in results["rows"]:
+        cells = [x["model"], x["run"], f"{x['bpw']:.4f}", f"{x['artifact_bytes'] / 1e6:.1f}", f"{x['kld']:.4f}"]
+        print("| " + " | ".join([*cells, f"{x['ppl']:.2f}", f"{x['top1']:.4f}"]) + " |")
+
+
+if __name__ == "__main__":
+    main()
