@@ -7,6 +7,7 @@ of the rotation itself (should be ~0). Then, for each run spec, `lowbit quantize
 --json` on the rotated copy and, with `--plain`, on MODEL itself. Run specs:
 
     u:BITS:GROUP     the uniform integer format, GPTQ          u:FORMAT   a named format (nf3-g128)
+    r:BITS:GROUP     the uniform integer format, round-to-nearest
     b:BPW            a bit budget with the default allocator; budget runs of one model share a
                      measurement file in WORK
 
@@ -39,9 +40,11 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
         return f"u-int{rest[0]}g{rest[1]}", ["--bits", rest[0], "--group-size", rest[1]]
     if kind == "u" and len(rest) == 1:
         return f"u-{rest[0]}", ["--format", rest[0]]
+    if kind == "r" and len(rest) == 2:
+        return f"rtn-int{rest[0]}g{rest[1]}", ["--method", "rtn", "--bits", rest[0], "--group-size", rest[1]]
     if kind == "b" and len(rest) == 1:
         return f"b{rest[0]}", ["--bits", rest[0]]
-    raise SystemExit(f"bad run spec {spec!r}: u:BITS:GROUP, u:FORMAT or b:BPW")
+    raise SystemExit(f"bad run spec {spec!r}: u:BITS:GROUP, u:FORMAT, r:BITS:GROUP or b:BPW")
 
 
 def run(cmd: list[str], log: Path, commands: list[str]) -> tuple[dict, float] | None:
