@@ -47,22 +47,26 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
     raise SystemExit(f"bad run spec {spec!r}: u:BITS:GROUP, u:FORMAT, r:BITS:GROUP or b:BPW")
 
 
+def _file(log: Path, suffix: str) -> Path:
+    return log.parent / (log.name + suffix)  # not with_suffix: run names hold dots (b3.5)
+
+
 def run(cmd: list[str], log: Path, commands: list[str]) -> tuple[dict, float] | None:
     """Run one CLI command, its JSON on stdout; None (and the log named) when it fails."""
     commands.append(shlex.join(cmd))
     print(f"=== {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
-    with log.with_suffix(".json").open("w") as out, log.with_suffix(".err").open("w") as err:
+    with _file(log, ".json").open("w") as out, _file(log, ".err").open("w") as err:
         rc = subprocess.run(cmd, stdout=out, stderr=err, check=False).returncode
     if rc:
-        log.with_suffix(".json").unlink()
-        print(f"failed (exit {rc}); see {log.with_suffix('.err')}", file=sys.stderr)
+        _file(log, ".json").unlink()
+        print(f"failed (exit {rc}); see {_file(log, '.err')}", file=sys.stderr)
         return None
-    return json.loads(log.with_suffix(".json").read_text()), time.perf_counter() - start
+    return json.loads(_file(log, ".json").read_text()), time.perf_counter() - start
 
 
 def cached(log: Path) -> dict | None:
-    path = log.with_suffix(".json")
+    path = _file(log, ".json")
     return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
 
 
@@ -113,7 +117,7 @@ def main() -> None:
             log = args.work / f"{label}-{name}"
             extra = ["--measurements", str(args.work / f"{label}-measurements.json")] if name.startswith("b") else []
             r, seconds = cached(log), None
-            cmd = [args.lowbit, "quantize", model, *spec_cli, *extra, "--out", str(log.with_suffix(""))]
+            cmd = [args.lowbit, "quantize", model, *spec_cli, *extra, "--out", str(log)]
             cmd += ["--overwrite", "--eval", "--quick", "--json"]
             if r is not None:
                 commands.append("reused (an earlier run of this script): " + shlex.join(cmd))
