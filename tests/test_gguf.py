@@ -462,6 +462,26 @@ def test_export_from_a_hugging_face_source_writes_metadata_llama_cpp_runs(arch, 
     _llama_cpp_agrees(out, tokenizer, ["The quick brown fox, 1234 times:\n\tdone!", chat], q)
 
 
+@needs_llamacpp
+def test_a_rotated_model_exports_and_llama_cpp_runs_it(smollm2_tokenizer_dir, tmp_path):
+    """`lowbit rotate` keeps the architecture: its copy of a tied model (the head now its own
+    table) quantizes to a GGUF that llama.cpp runs as lowbit does, with output.weight written."""
+    from tokenizers import Tokenizer
+
+    from lowbit.export.gguf import export_gguf
+    from lowbit.transforms.rotation import write_rotated
+
+    source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir, tie_word_embeddings=True)
+    assert write_rotated(str(source), tmp_path / "rot", heads=True).untied_head
+    loaded = lowbit.load_model(tmp_path / "rot")
+    q = lowbit.quantize(loaded.model, format="q8_0", method="rtn", target="gguf", progress=False)
+    lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    out = export_gguf(tmp_path / "art", tmp_path / "m.gguf")
+    assert "output.weight" in {t.name for t in GGUFReader(str(out)).tensors}
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    _llama_cpp_agrees(out, tokenizer, ["The quick brown fox, 1234 times:\n\tdone!"], q)
+
+
 def _llama_cpp_agrees(gguf_file: Path, tokenizer, texts: list[str], model) -> None:
     """llama.cpp tokenizes each text to `tokenizer`'s ids and computes `model`'s next-token
     distributions on the first 48 tokens of them all (KL < 1e-3 at every position)."""
