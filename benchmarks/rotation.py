@@ -4,7 +4,7 @@ on both, smollm2-135m, quick protocol (issue: better bits below 3.5 bpw).
 Every step is the CLI in its own process, as a user runs it. First `lowbit rotate MODEL --out
 WORK/rotated` (kept if there), and `lowbit eval WORK/rotated --reference MODEL`: the float cost
 of the rotation itself (should be ~0). Then, for each run spec, `lowbit quantize ... --eval --quick
---json` on the rotated copy and, with `--plain`, on MODEL itself. Run specs:
+--json` on the rotated copy (`--runs`) and on MODEL itself (`--plain`). Run specs:
 
     u:BITS:GROUP     the uniform integer format, GPTQ          u:FORMAT   a named format (nf3-g128)
     r:BITS:GROUP     the uniform integer format, round-to-nearest
@@ -16,7 +16,7 @@ recorded so the two can be added. A finished run's JSON in WORK is reused. The r
 rewritten after every run, with every command, the machine and the date.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/rotation.py --work /tmp/rot \\
-        --runs u:3:128 u:4:128 b:3.0 b:3.5 b:4.25 --plain
+        --runs u:3:128 u:4:128 b:3.0 b:3.5 b:4.25 --plain u:3:128
 """
 
 from __future__ import annotations
@@ -75,10 +75,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="the rotated model, artifacts, logs, measurements")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--runs", nargs="+", required=True, help="run specs (see above)")
-    ap.add_argument("--plain", action="store_true", help="run the same specs on the unrotated model too")
+    ap.add_argument("--plain", nargs="*", default=[], help="run specs for the unrotated model too")
+    ap.add_argument("--heads", action="store_true", help="rotate the attention heads' values as well (R1 + R2)")
     ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
     ap.add_argument("--lowbit", default=str(Path(sys.executable).with_name("lowbit")))
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--note", default="", help="a line recorded with the results (e.g. what shared the CPU)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     commands: list[str] = []
@@ -90,12 +92,14 @@ def main() -> None:
         "model": args.model,
         "protocol": "quick",
         "commands": commands,
+        "note": args.note,
         "rows": [],
     }
 
     rotated = args.work / "rotated"
     if not rotated.is_dir():
         cmd = [args.lowbit, "rotate", args.model, "--out", str(rotated), "--seed", str(args.seed)]
+        cmd += ["--heads"] if args.heads else []
         commands.append(shlex.join(cmd))
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -110,38 +114,37 @@ def main() -> None:
     if done:
         results["rotated_float_vs_model"] = {k: done.get(k) for k in ("kld", "perplexity", "top1_agreement")}
 
-    models = [("rotated", str(rotated))] + ([("plain", args.model)] if args.plain else [])
-    for spec in args.runs:
+    runs = [("rotated", str(rotated), spec) for spec in args.runs] + [("plain", args.model, s) for s in args.plain]
+    for label, model, spec in runs:
         name, spec_cli = spec_args(spec)
-        for label, model in models:
-            log = args.work / f"{label}-{name}"
-            extra = ["--measurements", str(args.work / f"{label}-measurements.json")] if name.startswith("b") else []
-            r, seconds = cached(log), None
-            cmd = [args.lowbit, "quantize", model, *spec_cli, *extra, "--out", str(log)]
-            cmd += ["--overwrite", "--eval", "--quick", "--json"]
-            if r is not None:
-                commands.append("reused (an earlier run of this script): " + shlex.join(cmd))
-            else:
-                got = run(cmd, log, commands)
-                if got is None:
-                    continue
-                r, seconds = got
-            ev, b = r["evaluation"], r.get("budget") or {}
-            results["rows"].append(
-                {
-                    "model": label,
-                    "run": name,
-                    "bpw": r["bits_per_weight"],
-                    "artifact_bytes": r["artifact_bytes"],
-                    "kld": ev["kld"],
-                    "ppl": ev["perplexity"],
-                    "top1": ev["top1_agreement"],
-                    "quantize_s": r["quantize_seconds"],
-                    "wall_s": seconds,
-                    "measure_s": b.get("measurement_seconds") if b and not b.get("measurements_reused") else None,
-                }
-            )
-            args.results.write_text(json.dumps(results, indent=1) + "\n")
+        log = args.work / f"{label}-{name}"
+        extra = ["--measurements", str(args.work / f"{label}-measurements.json")] if name.startswith("b") else []
+        r, seconds = cached(log), None
+        cmd = [args.lowbit, "quantize", model, *spec_cli, *extra, "--out", str(log)]
+        cmd += ["--overwrite", "--eval", "--quick", "--json"]
+        if r is not None:
+            commands.append("reused (an earlier run of this script): " + shlex.join(cmd))
+        else:
+            got = run(cmd, log, commands)
+            if got is None:
+                continue
+            r, seconds = got
+        ev, b = r["evaluation"], r.get("budget") or {}
+        results["rows"].append(
+            {
+                "model": label,
+                "run": name,
+                "bpw": r["bits_per_weight"],
+                "artifact_bytes": r["artifact_bytes"],
+                "kld": ev["kld"],
+                "ppl": ev["perplexity"],
+                "top1": ev["top1_agreement"],
+                "quantize_s": r["quantize_seconds"],
+                "wall_s": seconds,
+                "measure_s": b.get("measurement_seconds") if b and not b.get("measurements_reused") else None,
+            }
+        )
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     print("\n| model | run | bpw | MB | KLD | ppl | top-1 |\n|---|---|---|---|---|---|---|")
     for x in results["rows"]:
