@@ -9,7 +9,7 @@ of the rotation itself (should be ~0). Then, for each run spec, `lowbit quantize
     u:BITS:GROUP     the uniform integer format, GPTQ          u:FORMAT   a named format (nf3-g128)
     r:BITS:GROUP     the uniform integer format, round-to-nearest
     b:BPW            a bit budget with the default allocator; budget runs of one model share a
-                     measurement file in WORK
+    s:SIZE           a size budget (`--size 96846977B`...)      measurement file in WORK
 
 Every run's KLD is against its own float model; the rotated float model's KLD against MODEL is
 recorded so the two can be added. A finished run's JSON in WORK is reused. The results file is
@@ -42,9 +42,11 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
         return f"u-{rest[0]}", ["--format", rest[0]]
     if kind == "r" and len(rest) == 2:
         return f"rtn-int{rest[0]}g{rest[1]}", ["--method", "rtn", "--bits", rest[0], "--group-size", rest[1]]
+    if kind == "s" and len(rest) == 1:
+        return f"s{rest[0]}", ["--size", rest[0]]
     if kind == "b" and len(rest) == 1:
         return f"b{rest[0]}", ["--bits", rest[0]]
-    raise SystemExit(f"bad run spec {spec!r}: u:BITS:GROUP, u:FORMAT, r:BITS:GROUP or b:BPW")
+    raise SystemExit(f"bad run spec {spec!r}: u:BITS:GROUP, u:FORMAT, r:BITS:GROUP, b:BPW or s:SIZE")
 
 
 def _file(log: Path, suffix: str) -> Path:
@@ -118,7 +120,7 @@ def main() -> None:
     for label, model, spec in runs:
         name, spec_cli = spec_args(spec)
         log = args.work / f"{label}-{name}"
-        extra = ["--measurements", str(args.work / f"{label}-measurements.json")] if name.startswith("b") else []
+        extra = ["--measurements", str(args.work / f"{label}-measurements.json")] if name[0] in "bs" else []
         r, seconds = cached(log), None
         cmd = [args.lowbit, "quantize", model, *spec_cli, *extra, "--out", str(log)]
         cmd += ["--overwrite", "--eval", "--quick", "--json"]
