@@ -148,3 +148,9 @@ def test_rotating_a_quantized_artifact_is_refused(capsys, tmp_path, tiny_model_d
     capsys.readouterr()
     assert main(["rotate", str(artifact), "--out", str(tmp_path / "r")]) == 1
     assert "is a quantized lowbit artifact; rotate the float model" in capsys.readouterr().err
+
+
+def test_a_lazy_model_is_refused_before_anything_changes(tiny_model_dir):
+    lazy = load_model(tiny_model_dir, lazy=True).model
+    with pytest.raises(RotationError, match="not loaded .a lazy model.; load it whole"):
+        rotate(lazy)

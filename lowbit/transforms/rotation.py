@@ -1,4 +1,5 @@
-"""Residual-stream rotation (QuaRot / SpinQuant's R1), folded into the weights.
+"""Rotations folded into the weights: the residual stream (QuaRot / SpinQuant's R1) and each
+attention head's values (SpinQuant's R2).
 
 Why: a weight row with a few large entries wastes a low-bit grid on them. Multiplying the
 residual stream by an orthogonal Q spreads every row's energy evenly over its inputs, and the
@@ -14,7 +15,9 @@ subtraction), Gemma's norms around each sublayer's output and Gemma's (1 + w) no
 
 Q is a randomized Hadamard for widths that are powers of two, and for d = m * 2^k the Kronecker
 product of a random m x m orthogonal matrix with a Hadamard of 2^k (576 = 9 x 64), with random
-signs on the inputs: deterministic for a seed, orthogonal to float64 precision.
+signs on the inputs: deterministic for a seed, orthogonal to float64 precision. R2 turns each
+head's value vectors by one head_dim x head_dim matrix, undone in o_proj's inputs: no table and no
+norm is involved, so it needs no untying.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def check_rotatable(model: nn.Module) -> None:
             "cannot be folded into its linears (LayerNorm, or Gemma-style (1 + w) and post-sublayer norms); "
             "quantize it without rotation"
         )
+    if any(p.is_meta for p in model.parameters()):
+        raise RotationError("the model's weights are not loaded (a lazy model); load it whole to rotate it")
     for i, block in enumerate(_blocks(model)):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             if not hasattr(block, norm):
