@@ -304,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a float copy of a model with its residual stream rotated (same function, easier to "
         "quantize); quantize that copy",
     )
-    r.add_argument("model", help="HF model directory, .gguf file, hub id, or alias (llama, mistral, qwen2, qwen3)")
+    r.add_argument(
+        "model", help="HF model directory, .gguf file, hub id, or alias (smollm2-135m): llama, mistral, qwen2 or qwen3"
+    )
     r.add_argument("--out", required=True, help="the Hugging Face checkpoint directory to write (float32)")
     r.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrices (default 0)")
     r.add_argument(
