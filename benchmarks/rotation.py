@@ -31,15 +31,16 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from budget_frontier import spec_args as frontier_spec_args  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "rotation.json"
 
 
 def spec_args(spec: str) -> tuple[str, list[str]]:
     kind, *rest = spec.split(":")
-    if kind == "u" and len(rest) == 2:
-        return f"u-int{rest[0]}g{rest[1]}", ["--bits", rest[0], "--group-size", rest[1]]
-    if kind == "u" and len(rest) == 1:
-        return f"u-{rest[0]}", ["--format", rest[0]]
+    if kind == "u":  # the uniform runs are named and spelled as in the frontier sweep
+        return frontier_spec_args(spec)
     if kind == "r" and len(rest) == 2:
         return f"rtn-int{rest[0]}g{rest[1]}", ["--method", "rtn", "--bits", rest[0], "--group-size", rest[1]]
     if kind == "s" and len(rest) == 1:
