@@ -10,6 +10,7 @@ of the rotation itself (should be ~0). Then, for each run spec, `lowbit quantize
     r:BITS:GROUP     the uniform integer format, round-to-nearest
     b:BPW            a bit budget with the default allocator; budget runs of one model share a
     s:SIZE           a size budget (`--size 96846977B`...)      measurement file in WORK
+    SPEC+awq         any of them with activation-aware scaling (`--awq`)
 
 Every run's KLD is against its own float model; the rotated float model's KLD against MODEL is
 recorded so the two can be added. A finished run's JSON in WORK is reused. The results file is
@@ -38,6 +39,12 @@ RESULTS = Path(__file__).parent / "results" / "rotation.json"
 
 
 def spec_args(spec: str) -> tuple[str, list[str]]:
+    spec, plus, transform = spec.partition("+")
+    if plus:
+        if transform != "awq":
+            raise SystemExit(f"bad run spec suffix +{transform}: only +awq (activation-aware scaling)")
+        name, args = spec_args(spec)
+        return f"{name}-awq", [*args, "--awq"]
     kind, *rest = spec.split(":")
     if kind == "u":  # the uniform runs are named and spelled as in the frontier sweep
         return frontier_spec_args(spec)
@@ -77,7 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="the rotated model, artifacts, logs, measurements")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--runs", nargs="+", required=True, help="run specs (see above)")
+    ap.add_argument("--runs", nargs="*", default=[], help="run specs for the rotated model (see above)")
     ap.add_argument("--plain", nargs="*", default=[], help="run specs for the unrotated model too")
     ap.add_argument("--heads", action="store_true", help="rotate the attention heads' values as well (R1 + R2)")
     ap.add_argument("--seed", type=int, default=0, help="the rotation's seed")
@@ -100,17 +107,17 @@ def main() -> None:
     }
 
     rotated = args.work / "rotated"
-    if not rotated.is_dir():
+    if args.runs and not rotated.is_dir():
         cmd = [args.lowbit, "rotate", args.model, "--out", str(rotated), "--seed", str(args.seed)]
         cmd += ["--heads"] if args.heads else []
         commands.append(shlex.join(cmd))
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
         results["rotate_s"] = time.perf_counter() - start
-    results["rotation"] = json.loads((rotated / "lowbit_rotation.json").read_text())
+    results["rotation"] = json.loads((rotated / "lowbit_rotation.json").read_text()) if args.runs else None
     float_log = args.work / "rotated-float"
     done = cached(float_log)
-    if done is None:
+    if done is None and args.runs:
         cmd = [args.lowbit, "eval", str(rotated), "--reference", args.model, "--quick", "--json"]
         got = run(cmd, float_log, commands)
         done = got[0] if got else None

@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="re-solve group scales for the final codes by least squares on the Hessian (default on)",
     )
+    c.add_argument(
+        "--awq",
+        action="store_true",
+        help="activation-aware scaling: per block, scale each linear's input channels by their activation size "
+        "(the exponent searched per group of linears), folded into the norm or linear before it; llama, "
+        "mistral, qwen2, qwen3",
+    )
     c.add_argument("--calib-batch-size", type=int, default=8, help="windows per block forward (default 8)")
     c.add_argument(
         "--resume",
@@ -347,6 +354,8 @@ def recipe_from_args(args: argparse.Namespace):
         raise LowbitError("give --bits/--bpw or --size, not both")
     if args.candidates is not None and size is None and not isinstance(bits, float):
         raise LowbitError("--candidates are what a budget chooses from; give --bits with a decimal, --bpw or --size")
+    if args.awq and args.method != "gptq":
+        raise LowbitError("--awq searches its scales on calibration data, which --method rtn does not read; drop one")
     gptq = None
     if args.method == "gptq":
         gptq = GPTQSettings(
@@ -355,6 +364,7 @@ def recipe_from_args(args: argparse.Namespace):
             true_sequential=args.true_sequential,
             batch_size=args.calib_batch_size,
             scale_refit=args.scale_refit,
+            awq=args.awq,
         )
     return Recipe.build(
         bits=bits if isinstance(bits, int) else 4,
@@ -574,6 +584,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"calibration {settings.get('calibration')} {settings.get('nsamples')} x {settings.get('seqlen')}, "
             f"damp {g.get('percdamp')}, act-order {g.get('act_order')}, true-sequential {g.get('true_sequential')}, "
             f"clip search {g.get('clip_search', False)}, scale refit {g.get('scale_refit', False)}"
+            + (", activation-aware scales" if g.get("awq") else "")
         )
     else:
         detail = f"clip search: {settings.get('clip_search', False)}"

@@ -35,7 +35,10 @@ from lowbit.runtime import QuantizedLinear
 from lowbit.solvers.gptq import gptq_quantize_stacked, relative_output_error
 from lowbit.spill import Spill
 from lowbit.tables import Table, quantize_table
+from lowbit.transforms.awq import Fold, ScalingError, apply_fold, channel_rms, folds, search_scale, tie_heads
 from lowbit.walker import Block, Checkpoint, HessianAccumulator, WalkStats, walk
+
+SCALING_TOLERANCE = 1e-2  # a scaled block's output may move by the storage rounding of a norm, not more
 
 
 @dataclass
@@ -61,6 +64,7 @@ def execute(
     device: torch.device | None = None,
     spill_dir: str | os.PathLike | None = None,
     offload: Offload | None = None,
+    storage_dtype: torch.dtype = torch.float16,
 ) -> Execution:
     """Quantize what `plan` names; GPTQ needs the calibration `windows`, and with
     `checkpoint_dir` resumes an interrupted run (`resume=True`) from the state kept there.
@@ -89,14 +93,16 @@ def execute(
     else:
         if windows is None:
             raise LowbitError("GPTQ needs calibration windows")
-        client = GPTQExecution(adapter, linears, solver)
+        client = GPTQExecution(
+            adapter, linears, solver, folds(model.config) if solver.awq else (), storage_dtype=storage_dtype
+        )
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = Checkpoint(checkpoint_dir, _checkpoint_key(model, windows, linears, solver))
 
         def block_done(i: int) -> None:
             if spill is not None:
-                spill.put(model, prefixes[i])
+                spill.put(model, prefixes[i], client.scaled.get(prefixes[i], ()))
             if on_block_done is not None:
                 on_block_done(i)
 
@@ -119,8 +125,9 @@ def execute(
     if spill is None:
         load_rest(model)  # a lazy model's tensors no pass reached (norms of resumed blocks, float layers)
     else:
+        scaled = client.scaled if isinstance(solver, GPTQSettings) else {}
         for prefix in prefixes:  # blocks restored from a resume state are still in memory
-            spill.put(model, prefix)
+            spill.put(model, prefix, scaled.get(prefix, ()))
         release_unquantized(model)
     return result
 
@@ -177,11 +184,23 @@ class GPTQExecution:
     releases_blocks = False
     outputs_hint = " after quantization; try more bits, a larger damping (--damp) or float32 compute"
 
-    def __init__(self, adapter: ArchAdapter, plan: dict[str, Format], settings: GPTQSettings) -> None:
+    def __init__(
+        self,
+        adapter: ArchAdapter,
+        plan: dict[str, Format],
+        settings: GPTQSettings,
+        folds: list[Fold] = (),
+        storage_dtype: torch.dtype = torch.float16,
+    ) -> None:
         self.adapter, self.plan, self.settings = adapter, plan, settings
+        self.folds, self.storage_dtype = list(folds), storage_dtype
         self.layers: dict[str, dict[str, Any]] = {}
+        self.scaled: dict[str, list[str]] = {}  # block prefix -> float tensors the scaling changed
+        self._alpha: dict[str, dict[str, Any]] = {}  # linear -> its group's scaling record
 
     def process(self, block: Block) -> list[torch.Tensor]:
+        if self.folds:
+            self._scale(block)
         groups = block.groups(self.adapter, self.plan.__contains__)
         stages = [[g] for g in groups] if self.settings.true_sequential else [groups]
         pending: dict[str, nn.Module] = {}  # quantized layers, installed once the block's passes are done
@@ -236,23 +255,70 @@ class GPTQExecution:
                 pending[name] = QuantizedLinear.from_quantized(qt, mod.bias)
                 mod.weight.data = (deq.t() if isinstance(mod, Conv1D) else deq).to(mod.weight.dtype).contiguous()
                 err = relative_output_error(w, deq, hessian)
-                self.layers[block.prefix + name] = layer_record(fmt, qt.shape, output_error=err, damp=res.damp)
+                extra = {"awq": self._alpha[block.prefix + name]} if block.prefix + name in self._alpha else {}
+                self.layers[block.prefix + name] = layer_record(fmt, qt.shape, output_error=err, damp=res.damp, **extra)
+
+    def _scale(self, block: Block) -> None:
+        """Activation-aware scales for each group of the block's planned linears (transforms/awq.py),
+        from one pass on the block's calibration inputs, folded in before any of them is solved;
+        the block's output on a batch is checked to be unchanged (up to the storage rounding)."""
+        folds = [f for f in self.folds if any(block.prefix + r in self.plan for r in f.readers)]
+        if not folds:
+            return
+        accs = {f.readers[0]: HessianAccumulator() for f in folds}
+        block.run(accs, stop_after=folds[-1].readers[0])
+        before = block.outputs_for(block.inputs[:1])[0]
+        t0 = time.perf_counter()
+        dtype = self.storage_dtype
+        changed: list[str] = []
+        for fold in folds:
+            readers = [r for r in fold.readers if block.prefix + r in self.plan]
+            weights = [linear_weight(block.module.get_submodule(r)).detach() for r in readers]
+            formats = [self.plan[block.prefix + r] for r in readers]
+            hessian = accs[fold.readers[0]].hessian()
+            stat = tie_heads(channel_rms(hessian), fold.kv_groups, fold.head_dim)
+            s, alpha, base, err = search_scale(weights, formats, hessian, stat)
+            record = {"alpha": alpha, "source": fold.source, "rtn_error_ratio": err / base if base > 0 else 1.0}
+            for r in readers:
+                self._alpha[block.prefix + r] = record
+            if alpha > 0:
+                apply_fold(block.module, fold, s, lambda t: t.to(dtype).double())
+                if block.prefix + fold.source not in self.plan:  # a planned source is packed with its change
+                    source = block.module.get_submodule(fold.source)
+                    changed += [f"{fold.source}.{k}" for k, _ in source.named_parameters()]
+        block.stats.solve += time.perf_counter() - t0
+        after = block.outputs_for(block.inputs[:1])[0]
+        fetch = block.store.fetch
+        miss = ((fetch(after) - fetch(before)).abs().max() / fetch(before).abs().max().clamp_min(1e-12)).item()
+        if not miss <= SCALING_TOLERANCE:
+            raise ScalingError(
+                f"activation-aware scaling changed the output of block {block.index} by {miss:.2e} of its largest "
+                f"value (tolerance {SCALING_TOLERANCE:g}); this model's layout is not the one the folds assume: "
+                "quantize it without --awq"
+            )
+        self.scaled[block.prefix] = sorted(set(changed))
 
     def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
-        return {
+        packed = {
             f"{name}.{k}": v
             for name, mod in block.module.named_modules()
             if isinstance(mod, QuantizedLinear)
             for k, v in mod.state_dict().items()
         }
+        return packed | {name: block.module.get_parameter(name).detach() for name in self.scaled.get(block.prefix, [])}
 
     def state(self) -> dict[str, Any]:
-        return {"layers": self.layers}
+        return {"layers": self.layers, "scaled": self.scaled}
 
     def restore(self, state: dict[str, Any], finished: list[tuple[Block, dict[str, torch.Tensor]]]) -> None:
-        """Put the saved quantized linears of the finished blocks back in place."""
+        """Put the saved quantized linears (and the float tensors the scaling changed) of the
+        finished blocks back in place."""
         self.layers.update(state["layers"])
+        self.scaled.update(state.get("scaled", {}))
         for block, tensors in finished:
+            for rel in self.scaled.get(block.prefix, []):
+                owner, _, leaf = rel.rpartition(".")
+                block.module.get_submodule(owner)._parameters[leaf] = nn.Parameter(tensors[rel], requires_grad=False)
             for full, rec in state["layers"].items():
                 if not full.startswith(block.prefix):
                     continue

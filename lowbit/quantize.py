@@ -32,9 +32,10 @@ from lowbit.execute import execute
 from lowbit.models.adapters import get_adapter
 from lowbit.models.lazy import lazy_weights, load_rest
 from lowbit.models.loading import source_identity
-from lowbit.recipe import Recipe
+from lowbit.recipe import GPTQSettings, Recipe
 from lowbit.records import QuantizationInfo
 from lowbit.runtime import QuantizedEmbedding, QuantizedLinear
+from lowbit.transforms.awq import check_scalable
 
 
 def quantize(
@@ -85,6 +86,8 @@ def quantize(
     compute_record = {"device": str(compute or home), "dtype": str(first.dtype).removeprefix("torch.")}
     del first  # not to keep a table alive
     adapter = get_adapter(model.config.model_type)
+    if isinstance(recipe.solver, GPTQSettings) and recipe.solver.awq:
+        check_scalable(model)
     check_finite(model, DTYPES[recipe.storage_dtype], progress)
     targets = find_targets(model, adapter, recipe)
     windows = None
@@ -117,6 +120,7 @@ def quantize(
             compute,
             spill_dir,
             offload,
+            DTYPES[recipe.storage_dtype],
         )
     settings = recipe.settings()
     if plan.budget is not None:

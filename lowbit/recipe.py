@@ -80,6 +80,8 @@ class GPTQSettings:
     # next block's inputs from the last stage's pass plus a linear correction, not a further pass;
     # keeps the last linear's inputs in memory (e.g. 4 bytes x intermediate size x calibration tokens)
     reuse_last_stage: bool = True
+    # activation-aware scales (transforms/awq.py) searched and folded per block before its solves
+    awq: bool = False
 
     def __post_init__(self) -> None:
         _finite(self.percdamp, "the damping (--damp)", 0.0, 1.0, "--damp 0.01")

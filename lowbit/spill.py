@@ -10,6 +10,7 @@ model whole afterwards does not spill (`--eval`), or reads the artifact back (jo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -27,8 +28,10 @@ class Spill:
         self.folder = Path(folder)
         self.files: dict[str, Path] = {}  # full tensor name -> file holding it
 
-    def put(self, model: nn.Module, prefix: str) -> None:
-        """Move the packed layers under `prefix` (a finished block, "model.layers.3.") to disk."""
+    def put(self, model: nn.Module, prefix: str, changed: Iterable[str] = ()) -> None:
+        """Move the packed layers under `prefix` (a finished block, "model.layers.3.") to disk, with
+        the float parameters `changed` names (relative to the block: a norm an activation-aware
+        scale was folded into), which the model's own files no longer hold."""
         module = model.get_submodule(prefix.rstrip("."))
         tensors: dict[str, torch.Tensor] = {}
         for name, sub in module.named_modules(prefix=prefix.rstrip(".")):
@@ -36,6 +39,10 @@ class Spill:
                 for leaf, t in sub.state_dict().items():
                     if not t.is_meta:
                         tensors[f"{name}.{leaf}"] = t.detach().cpu().contiguous()
+        for rel in changed:
+            t = module.get_parameter(rel)
+            if not t.is_meta:
+                tensors[prefix + rel] = t.detach().cpu().contiguous()
         if not tensors:
             return
         self.folder.mkdir(parents=True, exist_ok=True)

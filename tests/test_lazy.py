@@ -71,8 +71,8 @@ def _quantize_file(model_dir, lazy: bool, **options):
 
 @pytest.mark.parametrize(
     "options",
-    [{"method": "rtn"}, {}, {"budget_bpw": 5.0}],
-    ids=["rtn", "gptq", "budget"],
+    [{"method": "rtn"}, {}, {"budget_bpw": 5.0}, {"gptq": GPTQSettings(batch_size=4, awq=True)}],
+    ids=["rtn", "gptq", "budget", "gptq-awq"],
 )
 def test_lazy_and_whole_loading_write_byte_identical_artifacts(tmp_path, sharded_dir, options, monkeypatch):
     """Whole, lazy, and lazy with every finished block spilled to disk (nothing packed or float
