@@ -107,14 +107,15 @@ def search_scale(
 ) -> tuple[torch.Tensor, float, float, float]:
     """The scale s (float64, [in]) for linears that share `hessian`, with its alpha and the summed
     Hessian-weighted round-to-nearest error at alpha = 0 and at the chosen alpha."""
-    h = hessian.double()
-    ws = [w.double() for w in weights]
+    h = hessian.float()  # float32 products: the errors compared differ far above its rounding
+    ws = [w.float() for w in weights]
     stat = stat.clamp_min(stat[stat > 0].min() if (stat > 0).any() else 1.0)  # dead channels: the smallest live
 
-    def error(s: torch.Tensor) -> float:
+    def error(s64: torch.Tensor) -> float:
+        s = s64.float()
         total = 0.0
         for w, fmt in zip(ws, formats, strict=True):
-            deq = fmt.quantize_tensor((w * s).float()).dequantize().double() / s
+            deq = fmt.quantize_tensor(w * s).dequantize().float() / s
             total += hessian_weighted_error(w - deq, h)
         return total
 
