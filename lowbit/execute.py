@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from lowbit.transforms.awq import Fold, ScalingError, apply_fold, channel_rms, f
 from lowbit.walker import Block, Checkpoint, HessianAccumulator, WalkStats, walk
 
 SCALING_TOLERANCE = 1e-2  # a scaled block's output may move by the storage rounding of a norm, not more
+SCALING_WINDOWS = 32  # calibration windows the scale search's Hessians are summed over (a quarter of 128)
 
 
 @dataclass
@@ -260,13 +261,15 @@ class GPTQExecution:
 
     def _scale(self, block: Block) -> None:
         """Activation-aware scales for each group of the block's planned linears (transforms/awq.py),
-        from one pass on the block's calibration inputs, folded in before any of them is solved;
+        from one pass over the block's first SCALING_WINDOWS calibration windows (a full pass's Hessians,
+        the down_proj one above all, would cost as much as a GPTQ stage), folded in before any is solved;
         the block's output on a batch is checked to be unchanged (up to the storage rounding)."""
         folds = [f for f in self.folds if any(block.prefix + r in self.plan for r in f.readers)]
         if not folds:
             return
         accs = {f.readers[0]: HessianAccumulator() for f in folds}
-        block.run(accs, stop_after=folds[-1].readers[0])
+        batches = max(1, -(-SCALING_WINDOWS // self.settings.batch_size))  # the statistics need far fewer tokens
+        replace(block, inputs=block.inputs[:batches]).run(accs, stop_after=folds[-1].readers[0])
         before = block.outputs_for(block.inputs[:1])[0]
         t0 = time.perf_counter()
         dtype = self.storage_dtype
