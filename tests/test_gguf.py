@@ -482,6 +482,36 @@ def test_a_rotated_model_exports_and_llama_cpp_runs_it(smollm2_tokenizer_dir, tm
     _llama_cpp_agrees(out, tokenizer, ["The quick brown fox, 1234 times:\n\tdone!"], q)
 
 
+@needs_llamacpp
+def test_an_awq_artifact_exports_and_llama_cpp_runs_it(smollm2_tokenizer_dir, tmp_path):
+    """--awq changes norms and v_proj/up_proj rows in place; the GGUF carries those, and llama.cpp
+    computes what lowbit's runtime computes."""
+    from tokenizers import Tokenizer
+
+    from lowbit.export.gguf import export_gguf
+    from lowbit.recipe import GPTQSettings
+
+    source = _hf_source_with_tokenizer(tmp_path / "src", "llama", smollm2_tokenizer_dir)
+    loaded = lowbit.load_model(source)
+    norm = loaded.model.model.layers[0].input_layernorm.weight
+    with torch.no_grad():
+        norm[:4] = 8.0  # loud channels, so that the search scales something
+    windows = torch.randint(2, 49152, (8, 64), generator=torch.Generator().manual_seed(0))
+    q = lowbit.quantize(
+        loaded.model,
+        format="q8_0",
+        target="gguf",
+        calib=windows,
+        gptq=GPTQSettings(batch_size=4, awq=True),
+        progress=False,
+    )
+    assert q.lowbit_info.layers["model.layers.0.self_attn.q_proj"]["awq"]["alpha"] > 0
+    lowbit.save(q, tmp_path / "art", loaded.tokenizer)
+    out = export_gguf(tmp_path / "art", tmp_path / "m.gguf")
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    _llama_cpp_agrees(out, tokenizer, ["The quick brown fox, 1234 times:\n\tdone!"], q)
+
+
 def _llama_cpp_agrees(gguf_file: Path, tokenizer, texts: list[str], model) -> None:
     """llama.cpp tokenizes each text to `tokenizer`'s ids and computes `model`'s next-token
     distributions on the first 48 tokens of them all (KL < 1e-3 at every position)."""
