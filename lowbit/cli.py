@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="read each decoder block from the checkpoint only when it is quantized, so the float model need "
         "not fit in memory (default on; --no-lazy loads the whole model first)",
     )
+    q.add_argument(
+        "--rotate",
+        action="store_true",
+        help="rotate the residual stream first, as `lowbit rotate` does (loads the whole model in float32; "
+        "llama, mistral, qwen2, qwen3; a tied head becomes a second table)",
+    )
+    q.add_argument("--rotate-seed", type=int, default=0, help="the rotation's seed (default 0)")
     _add_offload_option(q, "beside --out")
     _add_compute_options(q)
     _add_eval_options(q, legacy="quantize")
@@ -427,6 +434,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         lazy=args.lazy,
         offload_activations=args.offload_activations,
+        rotation_seed=args.rotate_seed if args.rotate else None,
     )
     m = done.manifest
     budget = m["settings"].get("budget")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.activations import Offload
@@ -27,6 +28,7 @@ from lowbit.models import load_model
 from lowbit.quantize import peak_rss_mb, quantize
 from lowbit.recipe import Recipe
 from lowbit.spill import model_spill
+from lowbit.transforms.rotation import check_rotation_source, rotate
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ def quantize_to_artifact(
     dtype: str = "auto",
     lazy: bool = True,
     offload_activations: str | None = None,
+    rotation_seed: int | None = None,
 ) -> QuantizeResult:
     """Load `model`, quantize it by `recipe`, optionally evaluate it against the float model
     (`evaluation`), and write the artifact `out` (refused if it exists, unless `overwrite`).
@@ -91,7 +94,11 @@ def quantize_to_artifact(
     reaches them, so the float model need not fit in memory (a refinement, which runs the whole
     model on every plan it scores, loads it whole). `offload_activations` ("cpu" or "disk") keeps
     the calibration activations between blocks in CPU memory or in memory-mapped files beside
-    `out`, not on the device."""
+    `out`, not on the device.
+
+    With `rotation_seed`, the residual stream is rotated first (transforms/rotation.py, that
+    seed): the model is then loaded whole, since the rotation touches every block and the tables.
+    The evaluation's reference is the model before it (the same function)."""
     check_output_dir(out, overwrite)
     offload = None if offload_activations is None else Offload(offload_activations)  # refused before loading
     compute = resolve_device(device)
@@ -106,21 +113,28 @@ def quantize_to_artifact(
         shutil.rmtree(work)
     if resume and not has_resume_state(out):
         logger.warning("nothing to resume; starting from the first block")
-    lazy = lazy and (recipe.budget is None or recipe.budget.refine_seconds == 0)
+    lazy = lazy and (recipe.budget is None or recipe.budget.refine_seconds == 0) and rotation_seed is None
     # a run that never runs the model (RTN, one format, no evaluation) leaves its tables on disk too
     never_runs = recipe.method == "rtn" and recipe.budget is None and evaluation is None
+    load_dtype = torch.float32 if rotation_seed is not None else compute_dtype  # rotated in float32, then cast
     loaded = load_model(
-        model, compute_dtype, trust_remote_code=trust_remote_code, lazy=lazy, tables_on_disk=lazy and never_runs
+        model, load_dtype, trust_remote_code=trust_remote_code, lazy=lazy, tables_on_disk=lazy and never_runs
     )
+    if rotation_seed is not None:
+        check_rotation_source(loaded, model)
     windows = reference = None
     if evaluation is not None:  # the float model's predictions, before it is quantized in place
         windows = evaluation.windows(loaded.tokenizer)
-        fingerprint = reference_key(loaded.source.fingerprint(), compute_dtype)  # a bf16 reference is another
+        fingerprint = reference_key(loaded.source.fingerprint(), load_dtype)  # a bf16 reference is another
         if offload is not None:
             offload = Offload(offload.where, work / "activations").check()
         reference = cached_reference(
             fingerprint, windows, lambda: loaded.model, evaluation.batch_size, progress, compute, offload
         )
+    rotation = None
+    if rotation_seed is not None:
+        rotation = rotate(loaded.model, rotation_seed)
+        loaded.model.to(compute_dtype)
     quantized = quantize(
         loaded.model,
         recipe,
@@ -140,6 +154,8 @@ def quantize_to_artifact(
         result = evaluate_against(quantized, windows, reference, evaluation, progress, desc="quantized model")
         quantized.to("cpu")
     quantized.lowbit_info.stats["peak_rss_mb"] = peak_rss_mb()  # evaluation included
+    if rotation is not None:
+        quantized.lowbit_info.settings["rotation"] = rotation.to_dict()
     path = save(quantized, out, loaded.tokenizer, overwrite=overwrite, evaluation=result)
     shutil.rmtree(work, ignore_errors=True)
     spilled = model_spill(quantized) is not None

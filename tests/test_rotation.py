@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.cli import main
@@ -154,3 +155,30 @@ def test_a_lazy_model_is_refused_before_anything_changes(tiny_model_dir):
     lazy = load_model(tiny_model_dir, lazy=True).model
     with pytest.raises(RotationError, match="not loaded .a lazy model.; load it whole"):
         rotate(lazy)
+
+
+def test_quantize_rotate_equals_rotating_first_and_records_it(capsys, tmp_path, tiny_model_dir, text_file):
+    """`quantize --rotate` is `rotate` then `quantize` in one command: the same packed weights, the
+    rotation in the manifest, the reference the unrotated model (the same function)."""
+    common = ["--bits", "4", "--group-size", "32", "--calib", str(text_file), "--nsamples", "8"]
+    common += ["--calib-seqlen", "64", "--json"]
+    assert main(["rotate", str(tiny_model_dir), "--out", str(tmp_path / "rot"), "--seed", "3"]) == 0
+    assert main(["quantize", str(tmp_path / "rot"), *common, "--out", str(tmp_path / "two")]) == 0
+    args = ["quantize", str(tiny_model_dir), *common, "--rotate", "--rotate-seed", "3", "--out", str(tmp_path / "one")]
+    assert main([*args, "--eval", "--data", str(text_file), "--eval-seqlen", "64"]) == 0
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    packed = [k for k in one if k.endswith(".qweight")]
+    assert packed and all(torch.equal(one[k], two[k]) for k in packed)
+    manifest = json.loads((tmp_path / "one" / "lowbit_manifest.json").read_text())
+    assert manifest["settings"]["rotation"]["seed"] == 3 and manifest["settings"]["rotation"]["residual"]
+    assert manifest["evaluation"]["kld"] < 0.5
+
+
+def test_quantize_rotate_refuses_an_architecture_it_cannot_fold(capsys, tmp_path, tiny_tokenizer):
+    make_tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "q"
+    args = ["quantize", str(tmp_path / "gpt2"), "--bits", "4", "--method", "rtn", "--rotate", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "the 'gpt2' adapter's norms cannot be folded" in err and not out.exists()

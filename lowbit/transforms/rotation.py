@@ -230,9 +230,7 @@ def write_rotated(
     if not (residual or heads):
         raise RotationError("nothing to rotate: drop --no-residual or add --heads")
     loaded = load_model(spec, torch.float32, trust_remote_code=trust_remote_code)
-    if loaded.source.kind == "artifact":
-        raise RotationError(f"{spec} is a quantized lowbit artifact; rotate the float model it was made from")
-    check_rotatable(loaded.model)
+    check_rotation_source(loaded, spec)
     rotation = rotate(loaded.model, seed, residual=residual, heads=heads)
     _forget_source_quantization(loaded.model)
     with staged_dir(Path(out)) as tmp:
@@ -241,6 +239,13 @@ def write_rotated(
         record = {**rotation.to_dict(), "source": loaded.source.identity}
         (tmp / ROTATION_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return rotation
+
+
+def check_rotation_source(loaded, spec: str | os.PathLike) -> None:
+    """Refuse a loaded model (models.loading.LoadedModel) the rotation cannot start from."""
+    if loaded.source.kind == "artifact":
+        raise RotationError(f"{spec} is a quantized lowbit artifact; rotate the float model it was made from")
+    check_rotatable(loaded.model)
 
 
 def _forget_source_quantization(model: nn.Module) -> None:
