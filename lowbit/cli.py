@@ -597,6 +597,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         detail = f"clip search: {settings.get('clip_search', False)}"
     print(f"method       {m['method']}  {detail}")
+    if settings.get("rotation"):
+        r = settings["rotation"]
+        what = " and ".join(w for w, on in (("residual stream", r["residual"]), ("attention heads", r["heads"])) if on)
+        untied = " (head untied from the embedding)" if r["untied_head"] else ""
+        print(f"rotation     {what}, seed {r['seed']}{untied}")
     print(f"format       {fmt}")
     print(
         f"bpw          {m['bits_per_weight']:.4f} over {m['quantized_weights']:,} quantized weights "

@@ -172,6 +172,9 @@ def test_quantize_rotate_equals_rotating_first_and_records_it(capsys, tmp_path, 
     manifest = json.loads((tmp_path / "one" / "lowbit_manifest.json").read_text())
     assert manifest["settings"]["rotation"]["seed"] == 3 and manifest["settings"]["rotation"]["residual"]
     assert manifest["evaluation"]["kld"] < 0.5
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "one")]) == 0
+    assert "rotation     residual stream, seed 3" in capsys.readouterr().out
 
 
 def test_quantize_rotate_refuses_an_architecture_it_cannot_fold(capsys, tmp_path, tiny_tokenizer):
