@@ -1,5 +1,6 @@
-"""The residual rotation (`lowbit rotate`) against the plain model: the same `lowbit quantize` runs
-on both, smollm2-135m, quick protocol (issue: better bits below 3.5 bpw).
+"""The residual rotation (`lowbit rotate`) against the plain model, and either with activation-aware
+scaling (`--awq`): the same `lowbit quantize` runs on both, smollm2-135m, quick protocol (issue:
+better bits below 3.5 bpw).
 
 Every step is the CLI in its own process, as a user runs it. First `lowbit rotate MODEL --out
 WORK/rotated` (kept if there), and `lowbit eval WORK/rotated --reference MODEL`: the float cost
@@ -17,7 +18,9 @@ recorded so the two can be added. A finished run's JSON in WORK is reused. The r
 rewritten after every run, with every command, the machine and the date.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/rotation.py --work /tmp/rot \\
-        --runs u:3:128 u:4:128 b:3.0 b:3.5 b:4.25 --plain u:3:128
+        --runs u:3:128 u:4:128 b:3.0 b:3.5 b:4.25 --plain u:3:128 u:3:128+awq
+
+With no `--runs`, nothing is rotated and only the `--plain` runs are made.
 """
 
 from __future__ import annotations
