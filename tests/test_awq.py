@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import make_tiny_model
+from safetensors.torch import load_file
 from torch import nn
 
 import lowbit
@@ -153,3 +154,21 @@ def test_the_cli_refuses_awq_with_round_to_nearest(capsys, tiny_model_dir, tmp_p
     assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--method", "rtn", "--awq", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "--awq" in err and "rtn" in err and not out.exists()
+
+
+def test_a_float_source_changed_by_a_fold_reaches_the_artifact_from_a_spilled_lazy_run(tmp_path, tiny_tokenizer):
+    """up_proj kept in float takes down_proj's scales into its rows: a lazy run that spills its
+    finished blocks must write those rows (not the checkpoint's), byte for byte as a whole run."""
+    folder = tmp_path / "src"
+    _with_loud_channels(make_tiny_model("llama", layers=3)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    files = []
+    for lazy, spill in ((False, None), (True, tmp_path / "spill")):
+        model = lowbit.load_model(folder, lazy=lazy).model
+        q = _quantize(model, keep="*.mlp.up_proj", spill_dir=spill)
+        assert q.lowbit_info.layers["model.layers.1.mlp.down_proj"]["awq"]["alpha"] > 0
+        files.append((lowbit.save(q, tmp_path / f"art-{lazy}") / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
+    original = load_file(folder / "model.safetensors")["model.layers.1.mlp.up_proj.weight"].half()
+    saved = load_file(tmp_path / "art-True" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]
+    assert not torch.equal(saved, original)
