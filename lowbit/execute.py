@@ -285,7 +285,7 @@ class GPTQExecution:
             for r in readers:
                 self._alpha[block.prefix + r] = record
             if alpha > 0:
-                apply_fold(block.module, fold, s, lambda t: t.to(dtype).double())
+                apply_fold(block.module, fold, s, lambda t: t.to(dtype).float())
                 if block.prefix + fold.source not in self.plan:  # a planned source is packed with its change
                     source = block.module.get_submodule(fold.source)
                     changed += [f"{fold.source}.{k}" for k, _ in source.named_parameters()]

@@ -86,7 +86,7 @@ def check_scalable(model: nn.Module) -> None:
 
 def channel_rms(hessian: torch.Tensor) -> torch.Tensor:
     """Each input channel's root mean square over the calibration tokens (H = 2 X^T X / n)."""
-    return (torch.diagonal(hessian).double() / 2).clamp_min(0).sqrt()
+    return (torch.diagonal(hessian).float().cpu().double() / 2).clamp_min(0).sqrt()  # on the CPU: MPS has no float64
 
 
 def tie_heads(stat: torch.Tensor, kv_groups: int, head_dim: int) -> torch.Tensor:
@@ -105,14 +105,14 @@ def search_scale(
     stat: torch.Tensor,
     grid: int = ALPHA_GRID,
 ) -> tuple[torch.Tensor, float, float, float]:
-    """The scale s (float64, [in]) for linears that share `hessian`, with its alpha and the summed
+    """The scale s (float64 on the CPU, [in]) for linears that share `hessian`, with its alpha and the summed
     Hessian-weighted round-to-nearest error at alpha = 0 and at the chosen alpha."""
     h = hessian.float()  # float32 products: the errors compared differ far above its rounding
     ws = [w.float() for w in weights]
     stat = stat.clamp_min(stat[stat > 0].min() if (stat > 0).any() else 1.0)  # dead channels: the smallest live
 
     def error(s64: torch.Tensor) -> float:
-        s = s64.float()
+        s = s64.float().to(h.device)
         total = 0.0
         for w, fmt in zip(ws, formats, strict=True):
             deq = fmt.quantize_tensor(w * s).dequantize().float() / s
@@ -137,13 +137,14 @@ def apply_fold(block: nn.Module, fold: Fold, s: torch.Tensor, round_to: Callable
     """Readers' columns times s, the source's weight (norm) or rows (linear) divided by s; the
     source's new float values go through `round_to` (the artifact's storage dtype)."""
     source = block.get_submodule(fold.source)
+    s = s.float().to(source.weight.device)  # float32 products (MPS has no float64): exact to ~1e-7
     if fold.source_is_norm:
-        source.weight.data = round_to(source.weight.double() / s).to(source.weight.dtype)
+        source.weight.data = round_to(source.weight.float() / s).to(source.weight.dtype)
     else:
         rows = s if fold.kv_groups == 1 else s.reshape(-1, fold.kv_groups, fold.head_dim)[:, 0, :].reshape(-1)
-        source.weight.data = round_to(source.weight.double() / rows[:, None]).to(source.weight.dtype)
+        source.weight.data = round_to(source.weight.float() / rows[:, None]).to(source.weight.dtype)
         if source.bias is not None:
-            source.bias.data = round_to(source.bias.double() / rows).to(source.bias.dtype)
+            source.bias.data = round_to(source.bias.float() / rows).to(source.bias.dtype)
     for name in fold.readers:
         linear = block.get_submodule(name)
-        linear.weight.data = (linear.weight.double() * s).to(linear.weight.dtype)
+        linear.weight.data = (linear.weight.float() * s).to(linear.weight.dtype)
