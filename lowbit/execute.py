@@ -32,19 +32,10 @@ from lowbit.modules import set_module
 from lowbit.recipe import GPTQSettings, RTNSettings
 from lowbit.records import layer_record
 from lowbit.runtime import QuantizedLinear
-from lowbit.solvers.gptq import gptq_quantize, gptq_quantize_stacked, relative_output_error
+from lowbit.solvers.gptq import gptq_quantize_stacked, relative_output_error
 from lowbit.spill import Spill
 from lowbit.tables import Table, quantize_table
-from lowbit.transforms.awq import (
-    Fold,
-    ScalingError,
-    apply_fold,
-    channel_rms,
-    folds,
-    search_scale,
-    solved_error,
-    tie_heads,
-)
+from lowbit.transforms.awq import Fold, ScalingError, apply_fold, channel_rms, folds, search_scale, tie_heads
 from lowbit.walker import Block, Checkpoint, HessianAccumulator, WalkStats, walk
 
 SCALING_TOLERANCE = 1e-2  # a scaled block's output may move by the storage rounding of a norm, not more
@@ -291,12 +282,6 @@ class GPTQExecution:
             stat = tie_heads(channel_rms(hessian), fold.kv_groups, fold.head_dim)
             s, alpha, base, err = search_scale(weights, formats, hessian, stat)
             record = {"alpha": alpha, "source": fold.source, "rtn_error_ratio": err / base if base > 0 else 1.0}
-            if alpha > 0:  # kept only where the solver agrees
-                unscaled = solved_error(weights, formats, hessian, torch.ones_like(s), self._solve_error)
-                scaled = solved_error(weights, formats, hessian, s, self._solve_error)
-                record |= {"searched_alpha": alpha, "gptq_error_ratio": scaled / unscaled if unscaled > 0 else 1.0}
-                if not scaled < unscaled:
-                    alpha = record["alpha"] = 0.0
             for r in readers:
                 self._alpha[block.prefix + r] = record
             if alpha > 0:
@@ -315,9 +300,6 @@ class GPTQExecution:
                 "quantize it without --awq"
             )
         self.scaled[block.prefix] = sorted(set(changed))
-
-    def _solve_error(self, weight: torch.Tensor, hessian: torch.Tensor, fmt: Format) -> float:
-        return gptq_quantize(weight, hessian, fmt, **self.settings.solver_options()).error
 
     def block_tensors(self, block: Block) -> dict[str, torch.Tensor]:
         packed = {

@@ -76,25 +76,24 @@ def test_the_search_never_picks_a_scale_worse_than_none_and_finds_loud_channels(
     assert err <= base and torch.allclose(s, torch.ones_like(s))
 
 
-def test_a_scale_is_kept_only_where_gptq_leaves_less_error_and_is_recorded():
+def test_awq_lowers_the_kl_of_gptq_on_loud_channels_and_records_its_scales():
     base = _with_loud_channels(make_tiny_model("llama"))
+    with torch.no_grad():
+        ref = base(PROBE).logits.log_softmax(-1)
+
+    def kld(model) -> float:
+        with torch.no_grad():
+            out = model(PROBE).logits.log_softmax(-1)
+        return (ref.exp() * (ref - out)).sum(-1).mean().item()
+
+    plain = _quantize(copy.deepcopy(base), gptq=GPTQSettings(batch_size=4))
     scaled = _quantize(copy.deepcopy(base))
-    records = [layer["awq"] for layer in scaled.lowbit_info.layers.values()]
-    kept = [r for r in records if r["alpha"] > 0]
-    refused = [r for r in records if r["alpha"] == 0 and r.get("searched_alpha", 0) > 0]
-    assert kept and refused  # on this model GPTQ agrees with some groups' search and not others
-    assert all(r["gptq_error_ratio"] < 1 and r["alpha"] == r["searched_alpha"] for r in kept)
-    assert all(r["gptq_error_ratio"] >= 1 for r in refused)
+    assert kld(scaled) < kld(plain)
     rec = scaled.lowbit_info.layers["model.layers.0.self_attn.q_proj"]["awq"]
     assert rec["source"] == "input_layernorm" and rec["alpha"] > 0 and rec["rtn_error_ratio"] < 1
     assert scaled.lowbit_info.settings["gptq"]["awq"] is True
-    # the kept scale went into the norm: block 0's input norm is no longer what it was
+    # the scale went into the norm: block 0's input norm is no longer what it was
     assert not torch.equal(scaled.model.layers[0].input_layernorm.weight, base.model.layers[0].input_layernorm.weight)
-    # GPTQ's output error of those layers, measured on the full calibration set, went down
-    plain = _quantize(copy.deepcopy(base), gptq=GPTQSettings(batch_size=4))
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        full = f"model.layers.0.{name}"
-        assert scaled.lowbit_info.layers[full]["output_error"] < plain.lowbit_info.layers[full]["output_error"]
 
 
 def test_a_scaled_artifact_loads_with_the_same_logits(tmp_path):
@@ -161,11 +160,7 @@ def test_a_float_source_changed_by_a_fold_reaches_the_artifact_from_a_spilled_la
     """up_proj kept in float takes down_proj's scales into its rows: a lazy run that spills its
     finished blocks must write those rows (not the checkpoint's), byte for byte as a whole run."""
     folder = tmp_path / "src"
-    model = _with_loud_channels(make_tiny_model("llama", layers=3))
-    with torch.no_grad():
-        for block in model.model.layers:
-            block.mlp.up_proj.weight[:4] *= 20  # loud down_proj inputs
-    model.save_pretrained(folder)
+    _with_loud_channels(make_tiny_model("llama", layers=3)).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     files = []
     for lazy, spill in ((False, None), (True, tmp_path / "spill")):

@@ -11,9 +11,7 @@ input channel's RMS over the calibration tokens (sqrt(diag(H) / 2), so the Hessi
 accumulates is all it needs), normalised so that max(s) * min(s) = 1. alpha is searched on a grid
 from 0 (no scaling) up, minimising the group's Hessian-weighted output error after round-to-nearest
 in each linear's planned format. Because alpha = 0 is on the grid, the search never picks a scaling
-that the proxy finds worse than none; and the alpha it picks is kept only if GPTQ itself, solving
-the group on the same Hessian, leaves less error with it than without (`solved_error`): on
-SmolLM2 the round-to-nearest choice alone made the budget plans worse (BENCHMARKS.md).
+that the proxy finds worse than none.
 
 The folds (pre-norm RMSNorm blocks, the layout `ROTATABLE` names):
 
@@ -132,26 +130,6 @@ def search_scale(
         if err < best[2]:
             best = (s, alpha, err)
     return best[0], best[1], base, best[2]
-
-
-def solved_error(
-    weights: list[torch.Tensor],
-    formats: list[Format],
-    hessian: torch.Tensor,
-    s: torch.Tensor,
-    solve: Callable[[torch.Tensor, torch.Tensor, Format], float],
-) -> float:
-    """The summed Hessian-weighted output error that `solve` (weight, Hessian, format -> its relative
-    error) leaves when the columns are scaled by s and the inputs divided by it: the check that what
-    round-to-nearest preferred also suits the solver that will really run."""
-    h = hessian.float()
-    sd = s.float().to(h.device)
-    hs = h / sd[:, None] / sd[None, :]  # the inputs divided by s
-    total = 0.0
-    for w, fmt in zip(weights, formats, strict=True):
-        ws = w.float() * sd
-        total += solve(ws, hs, fmt) * hessian_weighted_error(ws, hs)  # relative x tr(W H W^T), the same for any s
-    return total
 
 
 @torch.no_grad()
