@@ -264,17 +264,17 @@ class GPTQExecution:
         from one pass over the block's first SCALING_WINDOWS calibration windows (a full pass's Hessians,
         the down_proj one above all, would cost as much as a GPTQ stage), folded in before any is solved;
         the block's output on a batch is checked to be unchanged (up to the storage rounding)."""
-        folds = [f for f in self.folds if any(block.prefix + r in self.plan for r in f.readers)]
-        if not folds:
+        active = [f for f in self.folds if any(block.prefix + r in self.plan for r in f.readers)]
+        if not active:
             return
-        accs = {f.readers[0]: HessianAccumulator() for f in folds}
+        accs = {f.readers[0]: HessianAccumulator() for f in active}
         batches = max(1, -(-SCALING_WINDOWS // self.settings.batch_size))  # the statistics need far fewer tokens
-        replace(block, inputs=block.inputs[:batches]).run(accs, stop_after=folds[-1].readers[0])
+        replace(block, inputs=block.inputs[:batches]).run(accs, stop_after=active[-1].readers[0])
         before = block.outputs_for(block.inputs[:1])[0]
         t0 = time.perf_counter()
         dtype = self.storage_dtype
         changed: list[str] = []
-        for fold in folds:
+        for fold in active:
             readers = [r for r in fold.readers if block.prefix + r in self.plan]
             weights = [linear_weight(block.module.get_submodule(r)).detach() for r in readers]
             formats = [self.plan[block.prefix + r] for r in readers]
