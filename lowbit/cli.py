@@ -244,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(the exponent searched per group of linears), folded into the norm or linear before it; llama, "
         "mistral, qwen2, qwen3",
     )
+    c.add_argument(
+        "--float-target",
+        action="store_true",
+        help="solve each linear toward the float model's output rather than its own on the quantized inputs "
+        "(GPTAQ's asymmetric calibration): corrects what earlier blocks got wrong; carries the float model's "
+        "activations beside the quantized ones (twice the activation memory, about 1.5x the block forwards)",
+    )
     c.add_argument("--calib-batch-size", type=int, default=8, help="windows per block forward (default 8)")
     c.add_argument(
         "--resume",
@@ -363,6 +370,8 @@ def recipe_from_args(args: argparse.Namespace):
         raise LowbitError("--candidates are what a budget chooses from; give --bits with a decimal, --bpw or --size")
     if args.awq and args.method != "gptq":
         raise LowbitError("--awq searches its scales on calibration data, which --method rtn does not read; drop one")
+    if args.float_target and args.method != "gptq":
+        raise LowbitError("--float-target is a GPTQ option (rtn reads no calibration data); drop one")
     gptq = None
     if args.method == "gptq":
         gptq = GPTQSettings(
@@ -372,6 +381,7 @@ def recipe_from_args(args: argparse.Namespace):
             batch_size=args.calib_batch_size,
             scale_refit=args.scale_refit,
             awq=args.awq,
+            float_target=args.float_target,
         )
     return Recipe.build(
         bits=bits if isinstance(bits, int) else 4,
@@ -593,6 +603,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"damp {g.get('percdamp')}, act-order {g.get('act_order')}, true-sequential {g.get('true_sequential')}, "
             f"clip search {g.get('clip_search', False)}, scale refit {g.get('scale_refit', False)}"
             + (", activation-aware scales" if g.get("awq") else "")
+            + (", float targets" if g.get("float_target") else "")
         )
     else:
         detail = f"clip search: {settings.get('clip_search', False)}"

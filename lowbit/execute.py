@@ -8,6 +8,7 @@ by block through the walker, each block's layers calibrated on the outputs of th
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -32,11 +33,12 @@ from lowbit.modules import set_module
 from lowbit.recipe import GPTQSettings, RTNSettings
 from lowbit.records import layer_record
 from lowbit.runtime import QuantizedLinear
+from lowbit.solvers.float_target import float_target
 from lowbit.solvers.gptq import gptq_quantize_stacked, relative_output_error
 from lowbit.spill import Spill
 from lowbit.tables import Table, quantize_table
 from lowbit.transforms.awq import Fold, ScalingError, apply_fold, channel_rms, folds, search_scale, tie_heads
-from lowbit.walker import Block, Checkpoint, HessianAccumulator, WalkStats, walk
+from lowbit.walker import Block, Checkpoint, CrossAccumulator, FloatInputs, HessianAccumulator, WalkStats, walk
 
 SCALING_TOLERANCE = 1e-2  # a scaled block's output may move by the storage rounding of a norm, not more
 SCALING_WINDOWS = 32  # calibration windows the scale search's Hessians are summed over (a quarter of 128)
@@ -198,6 +200,7 @@ class GPTQExecution:
         self.layers: dict[str, dict[str, Any]] = {}
         self.scaled: dict[str, list[str]] = {}  # block prefix -> float tensors the scaling changed
         self._alpha: dict[str, dict[str, Any]] = {}  # linear -> its group's scaling record
+        self._float: list[torch.Tensor] | None = None  # float targets: the float model's stream, this block's inputs
 
     def process(self, block: Block) -> list[torch.Tensor]:
         if self.folds:
@@ -206,10 +209,22 @@ class GPTQExecution:
         stages = [[g] for g in groups] if self.settings.true_sequential else [groups]
         pending: dict[str, nn.Module] = {}  # quantized layers, installed once the block's passes are done
         outputs = None
+        reference = None  # with float targets: the block as the float model has it, on the float stream
+        if self.settings.float_target:
+            if self._float is None:  # block 0: both streams start at the same embedding outputs
+                self._float = list(block.inputs)
+            reference = replace(block, module=copy.deepcopy(block.module), inputs=self._float)
         for k, stage in enumerate(stages):
             correct = self.settings.reuse_last_stage and k == len(stages) - 1 and len(stage) == 1 and len(stage[0]) == 1
+            last_stage = k == len(stages) - 1
+            float_inputs = {}
+            if reference is not None:  # the stage's inputs on the float stream first
+                float_inputs = {group[0]: FloatInputs(block.store) for group in stage}
+                ref_outputs = reference.run(float_inputs, stop_after=None if last_stage else stage[-1][0])
+                if last_stage:
+                    self._float = ref_outputs
             accs = {
-                group[0]: HessianAccumulator(keep_inputs=correct, keep_dtype=torch.bfloat16, store=block.store)
+                group[0]: self._accumulator(block, correct, float_inputs.get(group[0]))
                 for group in stage
             }
             float_outputs = block.run(accs, stop_after=None if correct else stage[-1][0])
@@ -222,11 +237,14 @@ class GPTQExecution:
                     raise LowbitError(
                         f"{block.prefix + group[0]} was never called during calibration; its adapter is wrong"
                     )
-                self._solve_group(block, group, acc.hessian(), pending)
+                cross = acc.cross_term() if isinstance(acc, CrossAccumulator) else None
+                self._solve_group(block, group, acc.hessian(), pending, cross)
             block.stats.solve += time.perf_counter() - t0
             if correct:
                 delta = linear_weight(last).detach() - old_weight
                 outputs = block.corrected_outputs(float_outputs, accs[stage[0][0]].inputs, delta)
+        if reference is not None and not stages:  # nothing planned here: the float stream moves on
+            self._float = reference.run()
         if outputs is None:
             outputs = block.run()
         for name, layer in pending.items():
@@ -235,8 +253,21 @@ class GPTQExecution:
         block.postfix["max_err"] = f"{max(errs):.4f}" if errs else "-"
         return outputs
 
-    def _solve_group(self, block: Block, group: list[str], hessian: torch.Tensor, pending: dict) -> None:
+    @staticmethod
+    def _accumulator(block: Block, correct: bool, reference: FloatInputs | None) -> HessianAccumulator:
+        """The Hessian observer of one group; with float targets, one that also sums the cross term
+        against the float stream's inputs of the same batches."""
+        keep = {"keep_inputs": correct, "keep_dtype": torch.bfloat16, "store": block.store}
+        if reference is None:
+            return HessianAccumulator(**keep)
+        return CrossAccumulator(reference.inputs, **keep)
+
+    def _solve_group(
+        self, block: Block, group: list[str], hessian: torch.Tensor, pending: dict, cross: torch.Tensor | None = None
+    ) -> None:
         """Solve the linears that share `hessian`, those with one format stacked into one solve.
+        With `cross` (float targets), each is solved toward the weight that maps its inputs here to
+        the float model's output (solvers.float_target), and its error is measured against that.
 
         The float module keeps working with the dequantized weight written into it until the
         block is finished (no unpacking on every calibration batch); its quantized replacement
@@ -248,15 +279,22 @@ class GPTQExecution:
             fmt = self.plan[block.prefix + names[0]]
             mods = [block.module.get_submodule(n) for n in names]
             weights = [linear_weight(m).detach().float() for m in mods]
+            shifts = [None] * len(weights)
+            if cross is not None:
+                targets = [float_target(w, hessian, cross, self.settings.percdamp) for w in weights]
+                shifts = [relative_output_error(w, t, hessian) for w, t in zip(weights, targets, strict=True)]
+                weights = targets
             parts, res = gptq_quantize_stacked(
                 weights, hessian, fmt, **self.settings.solver_options(), name=", ".join(block.prefix + n for n in names)
             )
-            for name, mod, w, qt in zip(names, mods, weights, parts, strict=True):
+            for name, mod, w, qt, shift in zip(names, mods, weights, parts, shifts, strict=True):
                 deq = qt.dequantize()
                 pending[name] = QuantizedLinear.from_quantized(qt, mod.bias)
                 mod.weight.data = (deq.t() if isinstance(mod, Conv1D) else deq).to(mod.weight.dtype).contiguous()
                 err = relative_output_error(w, deq, hessian)
                 extra = {"awq": self._alpha[block.prefix + name]} if block.prefix + name in self._alpha else {}
+                if shift is not None:  # how far the float target moved the weight, in the same units as the error
+                    extra["float_target_shift"] = shift
                 self.layers[block.prefix + name] = layer_record(fmt, qt.shape, output_error=err, damp=res.damp, **extra)
 
     def _scale(self, block: Block) -> None:
@@ -312,6 +350,13 @@ class GPTQExecution:
 
     def state(self) -> dict[str, Any]:
         return {"layers": self.layers, "scaled": self.scaled}
+
+    def carried(self) -> list[torch.Tensor]:
+        """The float stream: saved with the next block's inputs, so a resumed run targets the same outputs."""
+        return list(self._float or ())
+
+    def restore_carried(self, stream: list[torch.Tensor]) -> None:
+        self._float = stream or None
 
     def restore(self, state: dict[str, Any], finished: list[tuple[Block, dict[str, torch.Tensor]]]) -> None:
         """Put the saved quantized linears (and the float tensors the scaling changed) of the

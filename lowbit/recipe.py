@@ -82,6 +82,9 @@ class GPTQSettings:
     reuse_last_stage: bool = True
     # activation-aware scales (transforms/awq.py) searched and folded per block before its solves
     awq: bool = False
+    # each linear solved toward the float model's output on its quantized inputs (solvers/float_target.py);
+    # carries the float model's activations beside the quantized ones through the walk
+    float_target: bool = False
 
     def __post_init__(self) -> None:
         _finite(self.percdamp, "the damping (--damp)", 0.0, 1.0, "--damp 0.01")

@@ -203,6 +203,44 @@ class HessianAccumulator:
         return xtx * (2.0 / self.rows)
 
 
+class FloatInputs:
+    """Keeps a submodule's inputs on a second stream (the float model's), one tensor per batch."""
+
+    def __init__(self, store: Activations) -> None:
+        self.store = store
+        self.inputs: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        self.inputs.append(self.store.keep(x))
+
+
+class CrossAccumulator(HessianAccumulator):
+    """H of the inputs, and D = X̃ᵀ(X - X̃) against another stream's inputs X of the same batches
+    (`float_inputs`, consumed in order, each freed once used), for solvers.float_target."""
+
+    def __init__(self, float_inputs: list[torch.Tensor], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.float_inputs = float_inputs
+        self.cross: torch.Tensor | None = None
+        self._batch = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        ref = self.float_inputs[self._batch]
+        self.float_inputs[self._batch] = None  # the batch is used once
+        self._batch += 1
+        fetched = self.store.fetch(ref) if self.store is not None else ref
+        xq = x.reshape(-1, x.shape[-1]).float()
+        diff = fetched.reshape(-1, x.shape[-1]).float() - xq
+        if self.cross is None:
+            self.cross = torch.zeros(xq.shape[1], xq.shape[1], dtype=torch.float32, device=xq.device)
+        self.cross.addmm_(xq.t(), diff)
+
+    def cross_term(self) -> torch.Tensor:
+        """D scaled as `hessian()` is (2/n), so the two combine directly."""
+        return self.cross * (2.0 / self.rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # one block, as a client sees it
 
@@ -353,11 +391,19 @@ class Checkpoint:
         write(tmp)
         os.replace(tmp, target)
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], inputs: list[torch.Tensor], state: dict) -> None:
+    def save(
+        self,
+        index: int,
+        tensors: dict[str, torch.Tensor],
+        inputs: list[torch.Tensor],
+        state: dict,
+        carried: Sequence[torch.Tensor] = (),
+    ) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
         self._atomic(self.path / f"block_{index}.safetensors", lambda p: save_file(tensors, str(p)))
         nxt = {f"batch_{b}": x.cpu().contiguous() for b, x in enumerate(inputs)}
+        nxt |= {f"carried_{b}": x.cpu().contiguous() for b, x in enumerate(carried)}
         self._atomic(self.path / f"inputs_{index + 1}.safetensors", lambda p: save_file(nxt, str(p)))
         state = {"key": self.key, "blocks_done": index + 1, "client": state}
         self._atomic(self.state_file, lambda p: p.write_text(json.dumps(state, indent=1)))
@@ -382,9 +428,10 @@ class Checkpoint:
         except Exception as exc:  # noqa: BLE001 - as _load
             raise CheckpointError(f"resume file {file} is missing or damaged ({exc}); delete {self.path}") from exc
 
-    def load_inputs(self, index: int) -> list[torch.Tensor]:
+    def load_inputs(self, index: int, kind: str = "batch") -> list[torch.Tensor]:
+        """Block `index`'s inputs, or (`kind="carried"`) the client's second stream saved with them."""
         tensors = self._load(self.path / f"inputs_{index}.safetensors")
-        return [tensors[f"batch_{b}"] for b in range(len(tensors))]
+        return [tensors[f"{kind}_{b}"] for b in range(sum(k.startswith(kind + "_") for k in tensors))]
 
     def _load(self, file: Path) -> dict[str, torch.Tensor]:
         try:
@@ -428,6 +475,10 @@ class BlockClient(Protocol):
 
     def restore(self, state: dict[str, Any], finished: list[tuple[Block, dict[str, torch.Tensor]]]) -> None:
         """Take back a checkpoint: the state, and each finished block with its saved tensors."""
+
+    # Optional: a client that carries a second stream of activations from block to block (the
+    # float model's, for float targets) has `carried() -> list[Tensor]`, saved with the next
+    # block's inputs, and `restore_carried(list[Tensor])`, called on resume before the next block.
 
 
 @torch.no_grad()
@@ -490,6 +541,8 @@ def walk(
         start = int(state["blocks_done"])
         client.restore(state["client"], [(block(i, []), checkpoint.load_tensors(i)) for i in range(start)])
         inputs = [store.keep(x) for x in checkpoint.load_inputs(start)]
+        if hasattr(client, "restore_carried"):
+            client.restore_carried([store.keep(x) for x in checkpoint.load_inputs(start, "carried")])
         stats.resumed_blocks = start
         if lazy is not None and client.releases_blocks and start > 0:
             lazy.release(model, prefix[0])
@@ -513,7 +566,8 @@ def walk(
                 )
         if checkpoint is not None:
             t0 = time.perf_counter()
-            checkpoint.save(i, client.block_tensors(current), outputs, client.state())
+            carried = client.carried() if hasattr(client, "carried") else ()
+            checkpoint.save(i, client.block_tensors(current), outputs, client.state(), carried)
             stats.checkpoint += time.perf_counter() - t0
         inputs = outputs
         bar.set_postfix(current.postfix)
