@@ -223,10 +223,7 @@ class GPTQExecution:
                 ref_outputs = reference.run(float_inputs, stop_after=None if last_stage else stage[-1][0])
                 if last_stage:
                     self._float = ref_outputs
-            accs = {
-                group[0]: self._accumulator(block, correct, float_inputs.get(group[0]))
-                for group in stage
-            }
+            accs = {group[0]: self._accumulator(block, correct, float_inputs.get(group[0])) for group in stage}
             float_outputs = block.run(accs, stop_after=None if correct else stage[-1][0])
             t0 = time.perf_counter()
             last = block.module.get_submodule(stage[0][0])
