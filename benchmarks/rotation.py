@@ -1,5 +1,5 @@
 """The residual rotation (`lowbit rotate`) against the plain model, and either with activation-aware
-scaling (`--awq`): the same `lowbit quantize` runs on both, smollm2-135m, quick protocol (issue:
+scaling (`--awq`) or float targets (`--float-target`): the same `lowbit quantize` runs on both, smollm2-135m, quick protocol (issue:
 better bits below 3.5 bpw).
 
 Every step is the CLI in its own process, as a user runs it. First `lowbit rotate MODEL --out
@@ -11,7 +11,8 @@ of the rotation itself (should be ~0). Then, for each run spec, `lowbit quantize
     r:BITS:GROUP     the uniform integer format, round-to-nearest
     b:BPW            a bit budget with the default allocator; budget runs of one model share a
     s:SIZE           a size budget (`--size 96846977B`...)      measurement file in WORK
-    SPEC+awq         any of them with activation-aware scaling (`--awq`)
+    SPEC+awq         any of them with activation-aware scaling (`--awq`); +ft: with float
+                     targets (`--float-target`); both: SPEC+awq+ft
 
 Every run's KLD is against its own float model; the rotated float model's KLD against MODEL is
 recorded so the two can be added. A finished run's JSON in WORK is reused. The results file is
@@ -41,13 +42,18 @@ from budget_frontier import spec_args as frontier_spec_args  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "rotation.json"
 
 
+SUFFIXES = {"awq": "--awq", "ft": "--float-target"}
+
+
 def spec_args(spec: str) -> tuple[str, list[str]]:
-    spec, plus, transform = spec.partition("+")
-    if plus:
-        if transform != "awq":
-            raise SystemExit(f"bad run spec suffix +{transform}: only +awq (activation-aware scaling)")
+    spec, *suffixes = spec.split("+")
+    if suffixes:
         name, args = spec_args(spec)
-        return f"{name}-awq", [*args, "--awq"]
+        for suffix in suffixes:
+            if suffix not in SUFFIXES:
+                raise SystemExit(f"bad run spec suffix +{suffix}: +awq (--awq) or +ft (--float-target)")
+            name, args = f"{name}-{suffix}", [*args, SUFFIXES[suffix]]
+        return name, args
     kind, *rest = spec.split(":")
     if kind == "u":  # the uniform runs are named and spelled as in the frontier sweep
         return frontier_spec_args(spec)
