@@ -1,6 +1,6 @@
 """The residual rotation (`lowbit rotate`) against the plain model, and either with activation-aware
-scaling (`--awq`) or float targets (`--float-target`): the same `lowbit quantize` runs on both, smollm2-135m, quick protocol (issue:
-better bits below 3.5 bpw).
+scaling (`--awq`) or float targets (`--float-target`): the same `lowbit quantize` runs on both,
+smollm2-135m, quick protocol (issue: better bits below 3.5 bpw).
 
 Every step is the CLI in its own process, as a user runs it. First `lowbit rotate MODEL --out
 WORK/rotated` (kept if there), and `lowbit eval WORK/rotated --reference MODEL`: the float cost
@@ -12,7 +12,7 @@ of the rotation itself (should be ~0). Then, for each run spec, `lowbit quantize
     b:BPW            a bit budget with the default allocator; budget runs of one model share a
     s:SIZE           a size budget (`--size 96846977B`...)      measurement file in WORK
     SPEC+awq         any of them with activation-aware scaling (`--awq`); +ft: with float
-                     targets (`--float-target`); both: SPEC+awq+ft
+                     targets (`--float-target`), +ft0.1 with `--float-target-damp 0.1`; both: SPEC+awq+ft
 
 Every run's KLD is against its own float model; the rotated float model's KLD against MODEL is
 recorded so the two can be added. A finished run's JSON in WORK is reused. The results file is
@@ -50,9 +50,11 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
     if suffixes:
         name, args = spec_args(spec)
         for suffix in suffixes:
-            if suffix not in SUFFIXES:
-                raise SystemExit(f"bad run spec suffix +{suffix}: +awq (--awq) or +ft (--float-target)")
-            name, args = f"{name}-{suffix}", [*args, SUFFIXES[suffix]]
+            damp = suffix[2:] if suffix.startswith("ft") and suffix[2:] else None
+            if suffix not in SUFFIXES and damp is None:
+                raise SystemExit(f"bad run spec suffix +{suffix}: +awq (--awq), +ft (--float-target) or +ftDAMP")
+            flags = [SUFFIXES["ft"], "--float-target-damp", damp] if damp else [SUFFIXES[suffix]]
+            name, args = f"{name}-{suffix}", [*args, *flags]
         return name, args
     kind, *rest = spec.split(":")
     if kind == "u":  # the uniform runs are named and spelled as in the frontier sweep

@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(GPTAQ's asymmetric calibration): corrects what earlier blocks got wrong; carries the float model's "
         "activations beside the quantized ones (twice the activation memory, about 1.5x the block forwards)",
     )
+    c.add_argument(
+        "--float-target-damp",
+        type=float,
+        help="damping of the float target, fraction of the Hessian's mean diagonal (default 0.01): larger keeps "
+        "the target nearer the weight where the calibration inputs say little",
+    )
     c.add_argument("--calib-batch-size", type=int, default=8, help="windows per block forward (default 8)")
     c.add_argument(
         "--resume",
@@ -372,6 +378,8 @@ def recipe_from_args(args: argparse.Namespace):
         raise LowbitError("--awq searches its scales on calibration data, which --method rtn does not read; drop one")
     if args.float_target and args.method != "gptq":
         raise LowbitError("--float-target is a GPTQ option (rtn reads no calibration data); drop one")
+    if args.float_target_damp is not None and not args.float_target:
+        raise LowbitError("--float-target-damp sets the damping of --float-target; add --float-target or drop it")
     gptq = None
     if args.method == "gptq":
         gptq = GPTQSettings(
@@ -382,6 +390,7 @@ def recipe_from_args(args: argparse.Namespace):
             scale_refit=args.scale_refit,
             awq=args.awq,
             float_target=args.float_target,
+            float_target_damp=0.01 if args.float_target_damp is None else args.float_target_damp,
         )
     return Recipe.build(
         bits=bits if isinstance(bits, int) else 4,

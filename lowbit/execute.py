@@ -278,7 +278,7 @@ class GPTQExecution:
             weights = [linear_weight(m).detach().float() for m in mods]
             shifts = [None] * len(weights)
             if cross is not None:
-                targets = [float_target(w, hessian, cross, self.settings.percdamp) for w in weights]
+                targets = [float_target(w, hessian, cross, self.settings.float_target_damp) for w in weights]
                 shifts = [relative_output_error(w, t, hessian) for w, t in zip(weights, targets, strict=True)]
                 weights = targets
             parts, res = gptq_quantize_stacked(

@@ -85,9 +85,11 @@ class GPTQSettings:
     # each linear solved toward the float model's output on its quantized inputs (solvers/float_target.py);
     # carries the float model's activations beside the quantized ones through the walk
     float_target: bool = False
+    float_target_damp: float = 0.01  # the target's own damping (fraction of mean diag(H)): how far it may move
 
     def __post_init__(self) -> None:
         _finite(self.percdamp, "the damping (--damp)", 0.0, 1.0, "--damp 0.01")
+        _finite(self.float_target_damp, "the float target's damping (--float-target-damp)", 0.0, 10.0, "0.1")
         _positive_int(self.batch_size, "the calibration batch size (--calib-batch-size)")
         _positive_int(self.block_size, "the GPTQ block size")
 

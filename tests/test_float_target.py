@@ -133,6 +133,28 @@ def test_the_cli_refuses_float_targets_with_round_to_nearest(capsys, tiny_model_
     assert "--float-target" in err and "rtn" in err and not out.exists()
 
 
+def test_the_cli_refuses_a_float_target_damping_without_float_targets(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    args = ["quantize", str(tiny_model_dir), "--bits", "4", "--float-target-damp", "0.1", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--float-target-damp" in err and "add --float-target" in err and not out.exists()
+
+
+@pytest.mark.parametrize("damp", [-0.1, float("nan"), 11.0])
+def test_a_nonsense_float_target_damping_is_refused(damp):
+    with pytest.raises(lowbit.LowbitError, match="float target's damping"):
+        GPTQSettings(float_target=True, float_target_damp=damp)
+
+
+def test_a_larger_target_damping_keeps_the_target_nearer_the_weight():
+    xs, xq = _streams(seed=6)
+    acc = _accumulate(xs, xq)
+    w = torch.randn(7, 12, generator=torch.Generator().manual_seed(7))
+    moved = [(float_target(w, acc.hessian(), acc.cross_term(), d) - w).norm().item() for d in (0.01, 0.1, 1.0)]
+    assert moved[0] > moved[1] > moved[2] > 0
+
+
 def test_inspect_names_float_targets(capsys, tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "o"
     args = ["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--float-target", "--nsamples", "4"]
