@@ -249,12 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="solve each linear toward the float model's output rather than its own on the quantized inputs "
         "(GPTAQ's asymmetric calibration): corrects what earlier blocks got wrong; carries the float model's "
-        "activations beside the quantized ones (twice the activation memory, about 1.5x the block forwards)",
+        "activations beside the quantized ones (a second set of activations, a second forward of each block)",
     )
     c.add_argument(
         "--float-target-damp",
         type=float,
-        help="damping of the float target, fraction of the Hessian's mean diagonal (default 0.01): larger keeps "
+        help="damping of the float target, fraction of the Hessian's mean diagonal (default 0.1): larger keeps "
         "the target nearer the weight where the calibration inputs say little",
     )
     c.add_argument("--calib-batch-size", type=int, default=8, help="windows per block forward (default 8)")
@@ -381,6 +381,7 @@ def recipe_from_args(args: argparse.Namespace):
     if args.float_target_damp is not None and not args.float_target:
         raise LowbitError("--float-target-damp sets the damping of --float-target; add --float-target or drop it")
     gptq = None
+    ft_damp = GPTQSettings.float_target_damp if args.float_target_damp is None else args.float_target_damp
     if args.method == "gptq":
         gptq = GPTQSettings(
             percdamp=args.damp,
@@ -390,7 +391,7 @@ def recipe_from_args(args: argparse.Namespace):
             scale_refit=args.scale_refit,
             awq=args.awq,
             float_target=args.float_target,
-            float_target_damp=0.01 if args.float_target_damp is None else args.float_target_damp,
+            float_target_damp=ft_damp,
         )
     return Recipe.build(
         bits=bits if isinstance(bits, int) else 4,
