@@ -183,7 +183,10 @@ def test_artifacts_written_by_lowbit_0_1_still_load_to_the_same_logits(capsys, n
     expected = load_file(OLD / "logits.safetensors")
     model = lowbit.load(OLD / name)
     with torch.no_grad():
-        assert torch.equal(model(expected["probe"]).logits, expected[name])
+        logits = model(expected["probe"]).logits
+    # the same up to float32 kernel rounding, which differs between CPUs (8e-7 of 2.4 seen on an
+    # AVX-512 machine for gpt2's GELU path); a wrong code, scale or layout moves them by far more
+    assert (logits - expected[name]).abs().max() <= 1e-5 * expected[name].abs().max()
     layers = lowbit.quantized_layers(OLD / name)
     assert [x.name for x in layers] == list(read_manifest(OLD / name)["layers"])
     capsys.readouterr()
