@@ -38,7 +38,16 @@ from lowbit.solvers.gptq import gptq_quantize_stacked, relative_output_error
 from lowbit.spill import Spill
 from lowbit.tables import Table, quantize_table
 from lowbit.transforms.awq import Fold, ScalingError, apply_fold, channel_rms, folds, search_scale, tie_heads
-from lowbit.walker import Block, Checkpoint, CrossAccumulator, FloatInputs, HessianAccumulator, WalkStats, walk
+from lowbit.walker import (
+    Block,
+    Checkpoint,
+    CrossAccumulator,
+    FloatInputs,
+    HessianAccumulator,
+    WalkStats,
+    capture_block_calls,
+    walk,
+)
 
 SCALING_TOLERANCE = 1e-2  # a scaled block's output may move by the storage rounding of a norm, not more
 SCALING_WINDOWS = 32  # calibration windows the scale search's Hessians are summed over (a quarter of 128)
@@ -81,14 +90,17 @@ def execute(
     spill = None
     if spill_dir is not None:
         spill = model.lowbit_spill = Spill(spill_dir)
-    for table in tables:
-        fmt = plan.formats.get(table.name)
-        if fmt is not None:
-            load_block(model, table.name + ".")  # a table left on disk (load_model's tables_on_disk)
-            result.layers[table.name] = quantize_table(model, table, fmt)
+    prefixes = [f"{adapter.blocks}.{i}." for i in range(len(decoder_blocks(model, adapter)))]
+    planned_tables = [t for t in tables if plan.formats.get(t.name) is not None]
+    for table in planned_tables:
+        load_block(model, table.name + ".")  # a table left on disk (load_model's tables_on_disk)
+    float_start = None
+    if planned_tables and isinstance(solver, GPTQSettings) and solver.float_target and windows is not None:
+        float_start = _float_first_inputs(model, adapter, windows, solver.batch_size, prefixes[0])
+    for table in planned_tables:
+        result.layers[table.name] = quantize_table(model, table, plan.formats[table.name])
     table_names = {t.name for t in tables}
     linears = {n: f for n, f in plan.quantized.items() if n not in table_names}
-    prefixes = [f"{adapter.blocks}.{i}." for i in range(len(decoder_blocks(model, adapter)))]
     if isinstance(solver, RTNSettings):
         if spill is not None:
             release_unquantized(model)  # RTN reads no table: they wait on disk until the artifact is written
@@ -97,7 +109,12 @@ def execute(
         if windows is None:
             raise LowbitError("GPTQ needs calibration windows")
         client = GPTQExecution(
-            adapter, linears, solver, folds(model.config) if solver.awq else (), storage_dtype=storage_dtype
+            adapter,
+            linears,
+            solver,
+            folds(model.config) if solver.awq else (),
+            storage_dtype=storage_dtype,
+            float_start=float_start,
         )
         checkpoint = None
         if checkpoint_dir is not None:
@@ -133,6 +150,16 @@ def execute(
             spill.put(model, prefix, scaled.get(prefix, ()))
         release_unquantized(model)
     return result
+
+
+def _float_first_inputs(
+    model: nn.Module, adapter: ArchAdapter, windows: torch.Tensor, batch_size: int, first_prefix: str
+) -> list[torch.Tensor]:
+    """The first block's inputs from the float tables, taken before they are rounded: where the
+    float stream of float targets starts (the walk's own capture sees the rounded tables, and the
+    table's rounding error would otherwise be left for no linear to correct). Costs the embedding."""
+    load_block(model, first_prefix)  # the capture calls block 0 once, to learn what a block returns
+    return capture_block_calls(model, adapter, windows, batch_size).first_inputs
 
 
 def _execute_rtn(
@@ -194,6 +221,7 @@ class GPTQExecution:
         settings: GPTQSettings,
         folds: list[Fold] = (),
         storage_dtype: torch.dtype = torch.float16,
+        float_start: list[torch.Tensor] | None = None,
     ) -> None:
         self.adapter, self.plan, self.settings = adapter, plan, settings
         self.folds, self.storage_dtype = list(folds), storage_dtype
@@ -201,6 +229,7 @@ class GPTQExecution:
         self.scaled: dict[str, list[str]] = {}  # block prefix -> float tensors the scaling changed
         self._alpha: dict[str, dict[str, Any]] = {}  # linear -> its group's scaling record
         self._float: list[torch.Tensor] | None = None  # float targets: the float model's stream, this block's inputs
+        self._float_start = float_start  # its start when the tables are rounded (else block 0's own inputs)
 
     def process(self, block: Block) -> list[torch.Tensor]:
         if self.folds:
@@ -211,8 +240,9 @@ class GPTQExecution:
         outputs = None
         reference = None  # with float targets: the block as the float model has it, on the float stream
         if self.settings.float_target:
-            if self._float is None:  # block 0: both streams start at the same embedding outputs
-                self._float = list(block.inputs)
+            if self._float is None:  # block 0: the streams start apart only if the tables are rounded
+                start, self._float_start = self._float_start, None
+                self._float = list(block.inputs) if start is None else [block.store.keep(x) for x in start]
             reference = replace(block, module=copy.deepcopy(block.module), inputs=self._float)
         for k, stage in enumerate(stages):
             correct = self.settings.reuse_last_stage and k == len(stages) - 1 and len(stage) == 1 and len(stage[0]) == 1

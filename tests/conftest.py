@@ -62,6 +62,20 @@ def make_tiny_model(arch: str, seed: int = 0, layers: int | None = None) -> torc
     return model
 
 
+def kl_judge(reference: torch.nn.Module, windows: torch.Tensor):
+    """KL(reference || model) per token on `windows`, as a function of the model: how the tests
+    judge quality (never by weight error)."""
+    with torch.no_grad():
+        ref = reference(windows).logits.log_softmax(-1)
+
+    def kld(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            out = model(windows).logits.log_softmax(-1)
+        return (ref.exp() * (ref - out)).sum(-1).mean().item()
+
+    return kld
+
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with one step. "
     "Quantization maps many values to few; the error it leaves is what we measure. "

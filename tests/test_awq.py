@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import kl_judge, make_tiny_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -78,14 +78,7 @@ def test_the_search_never_picks_a_scale_worse_than_none_and_finds_loud_channels(
 
 def test_awq_lowers_the_kl_of_gptq_on_loud_channels_and_records_its_scales():
     base = _with_loud_channels(make_tiny_model("llama"))
-    with torch.no_grad():
-        ref = base(PROBE).logits.log_softmax(-1)
-
-    def kld(model) -> float:
-        with torch.no_grad():
-            out = model(PROBE).logits.log_softmax(-1)
-        return (ref.exp() * (ref - out)).sum(-1).mean().item()
-
+    kld = kl_judge(base, PROBE)
     plain = _quantize(copy.deepcopy(base), gptq=GPTQSettings(batch_size=4))
     scaled = _quantize(copy.deepcopy(base))
     assert kld(scaled) < kld(plain)

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import kl_judge, make_tiny_model
 from safetensors.torch import load_file
 
 import lowbit
 from lowbit.activations import Activations
 from lowbit.cli import main
+from lowbit.errors import BudgetError
+from lowbit.formats import IntFormat
 from lowbit.recipe import GPTQSettings
 from lowbit.solvers.float_target import float_target
 from lowbit.walker import CrossAccumulator, FloatInputs
@@ -82,14 +85,7 @@ def test_float_targets_lower_the_kl_on_held_out_windows_and_start_at_the_weight(
     float model on windows not calibrated on. Block 0's q/k/v read the same embedding on both streams,
     so their target is their weight (shift 0); later blocks' targets move."""
     base = make_tiny_model("llama", layers=4)
-    with torch.no_grad():
-        ref = base(HELD_OUT).logits.log_softmax(-1)
-
-    def kld(model) -> float:
-        with torch.no_grad():
-            out = model(HELD_OUT).logits.log_softmax(-1)
-        return (ref.exp() * (ref - out)).sum(-1).mean().item()
-
+    kld = kl_judge(base, HELD_OUT)
     plain = _quantize(copy.deepcopy(base), gptq=GPTQSettings(batch_size=4))
     targeted = _quantize(copy.deepcopy(base))
     assert kld(targeted) < 0.95 * kld(plain)
@@ -99,6 +95,21 @@ def test_float_targets_lower_the_kl_on_held_out_windows_and_start_at_the_weight(
     assert layers["model.layers.0.mlp.down_proj"]["float_target_shift"] > 0.0
     assert "float_target_shift" not in plain.lowbit_info.layers["model.layers.3.self_attn.q_proj"]
     assert targeted.lowbit_info.settings["gptq"]["float_target"] is True
+
+
+def test_with_rounded_tables_the_float_stream_starts_at_the_float_embedding():
+    """A size budget that packs the embedding: block 0's inputs differ between the streams, so
+    block 0's q/k/v are moved to undo the table's rounding (their shift is 0 when the table is
+    kept in float, as the test above checks)."""
+    base = make_tiny_model("llama", layers=2)
+    kw = {"calib": WINDOWS, "gptq": FLOAT_TARGET, "candidates": [IntFormat(b, 32) for b in (2, 3, 4)]}
+    kw["progress"] = False
+    with pytest.raises(BudgetError, match=r"use --size ([0-9.]+)MB") as err:
+        lowbit.quantize(copy.deepcopy(base), size_bytes=1000, keep="lm_head,model.embed_tokens", **kw)
+    with_float_tables = int(float(re.search(r"--size ([0-9.]+)MB", str(err.value)).group(1)) * 1e6)
+    q = lowbit.quantize(copy.deepcopy(base), size_bytes=with_float_tables - 12_000, **kw)
+    assert q.lowbit_info.settings["budget"]["tables"]["model.embed_tokens"] is not None
+    assert q.lowbit_info.layers["model.layers.0.self_attn.q_proj"]["float_target_shift"] > 1e-4
 
 
 def test_a_float_target_run_interrupted_resumes_to_the_same_weights(tmp_path):
