@@ -16,12 +16,16 @@ llama-quantize's files measured by gguf_imatrix.py); and the uniform `--bits 4 -
 repeated.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/gguf_vs_llamacpp.py --work /tmp/gguf-bench
+
+With `--quantize-args="--float-target"` (the `=` keeps argparse from reading it as an option)
+every lowbit run gets those options too (its files and labels are marked with them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -101,8 +105,16 @@ def main() -> None:
         help="lowbit's budget candidates (`lowbit quantize --candidates`); default: the target's. On smollm2 "
         "give q2_k,q3_k,q4_0,iq4_nl,q5_0,q6_k,q8_0: Q4_K and Q5_K nearly reproduce its Q4_1 source grid",
     )
+    ap.add_argument(
+        "--quantize-args",
+        default="",
+        help="more options for every `lowbit quantize` (e.g. '--float-target'); its runs' files in WORK and "
+        "labels are marked with them, so runs with and without share a work directory",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    extra = shlex.split(args.quantize_args)
+    mark = "".join(f"+{o.lstrip('-')}" for o in extra)  # lowbit-iq4_nl+float-target...
     src = resolve_model_source("smollm2-135m")
     source = Path(src.path) / src.gguf_file
     rows = []
@@ -127,7 +139,8 @@ def main() -> None:
     runs["iq4_nl"] = ("lowbit --format iq4_nl (IQ4_NL linears, F16 embedding)", ["--format", "iq4_nl"])
     for tag in args.runs.split(","):
         label, options = runs[tag]
-        name = tag.replace(":", "-")
+        label, options = (f"{label} {shlex.join(extra)}" if extra else label), [*options, *extra]
+        name = tag.replace(":", "-") + mark
         art, out = args.work / f"lowbit-{name}", args.work / f"lowbit-{name}.gguf"
         if not out.exists():
             cmd = [args.lowbit, "quantize", "smollm2-135m", "--target", "gguf", *options, "--out", str(art)]
@@ -158,14 +171,16 @@ def main() -> None:
     uniform = [t for t in args.runs.split(",") if t in ("bits4", "iq4_nl")]
     if uniform:
         tag = uniform[0]
-        torch_eval = args.work / f"lowbit-{tag}.torch.json"
+        name = tag + mark
+        torch_eval = args.work / f"lowbit-{name}.torch.json"
         if not (torch_eval.is_file() and torch_eval.stat().st_size):
-            cmd = [args.lowbit, "eval", str(args.work / f"lowbit-{tag}"), "--reference", "smollm2-135m", "--json"]
+            cmd = [args.lowbit, "eval", str(args.work / f"lowbit-{name}"), "--reference", "smollm2-135m", "--json"]
             torch_eval.write_text(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        label = f"{runs[tag][0]} {shlex.join(extra)}" if extra else runs[tag][0]
         rows.append(
             {
-                "file": f"{runs[tag][0]}, scored in lowbit's runtime (not llama.cpp)",
-                "bytes": (args.work / f"lowbit-{tag}.gguf").stat().st_size,
+                "file": f"{label}, scored in lowbit's runtime (not llama.cpp)",
+                "bytes": (args.work / f"lowbit-{name}.gguf").stat().st_size,
                 **_metrics(json.loads(torch_eval.read_text())),
             }
         )
