@@ -384,6 +384,8 @@ class GPTQExecution:
 
     def restore_carried(self, stream: list[torch.Tensor]) -> None:
         self._float = stream or None
+        if self._float is not None:  # resumed past block 0: the float table's outputs are not needed
+            self._float_start = None
 
     def restore(self, state: dict[str, Any], finished: list[tuple[Block, dict[str, torch.Tensor]]]) -> None:
         """Put the saved quantized linears (and the float tensors the scaling changed) of the

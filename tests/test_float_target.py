@@ -97,23 +97,30 @@ def test_float_targets_lower_the_kl_on_held_out_windows_and_start_at_the_weight(
     assert targeted.lowbit_info.settings["gptq"]["float_target"] is True
 
 
-def test_with_rounded_tables_the_float_stream_starts_at_the_float_embedding():
-    """A size budget that packs the embedding: block 0's inputs differ between the streams, so
-    block 0's q/k/v are moved to undo the table's rounding (their shift is 0 when the table is
-    kept in float, as the test above checks)."""
-    base = make_tiny_model("llama", layers=2)
+def _packing_tables(base) -> dict:
+    """Options of a size budget just below what fits with float tables: both tables are packed."""
     kw = {"calib": WINDOWS, "gptq": FLOAT_TARGET, "candidates": [IntFormat(b, 32) for b in (2, 3, 4)]}
     kw["progress"] = False
     with pytest.raises(BudgetError, match=r"use --size ([0-9.]+)MB") as err:
         lowbit.quantize(copy.deepcopy(base), size_bytes=1000, keep="lm_head,model.embed_tokens", **kw)
     with_float_tables = int(float(re.search(r"--size ([0-9.]+)MB", str(err.value)).group(1)) * 1e6)
-    q = lowbit.quantize(copy.deepcopy(base), size_bytes=with_float_tables - 12_000, **kw)
+    return {**kw, "size_bytes": with_float_tables - 12_000}
+
+
+def test_with_rounded_tables_the_float_stream_starts_at_the_float_embedding():
+    """A size budget that packs the embedding: block 0's inputs differ between the streams, so
+    block 0's q/k/v are moved to undo the table's rounding (their shift is 0 when the table is
+    kept in float, as the test above checks)."""
+    base = make_tiny_model("llama", layers=2)
+    q = lowbit.quantize(copy.deepcopy(base), **_packing_tables(base))
     assert q.lowbit_info.settings["budget"]["tables"]["model.embed_tokens"] is not None
     assert q.lowbit_info.layers["model.layers.0.self_attn.q_proj"]["float_target_shift"] > 1e-4
 
 
-def test_a_float_target_run_interrupted_resumes_to_the_same_weights(tmp_path):
-    """The float stream is saved with each block's inputs: a resumed run targets the same outputs."""
+@pytest.mark.parametrize("tables", ["float", "packed"])
+def test_a_float_target_run_interrupted_resumes_to_the_same_weights(tmp_path, tables):
+    """The float stream is saved with each block's inputs: a resumed run targets the same outputs
+    (with packed tables too, where the stream started at the float table's outputs)."""
 
     class Crash(Exception):
         pass
@@ -123,17 +130,26 @@ def test_a_float_target_run_interrupted_resumes_to_the_same_weights(tmp_path):
             raise Crash
 
     base = make_tiny_model("qwen2", layers=4)
-    full = _quantize(copy.deepcopy(base))
+    if tables == "packed":
+        kw = _packing_tables(base)
+
+        def run(model, **more):
+            return lowbit.quantize(model, **kw, **more)
+    else:
+        run = _quantize
+    full = run(copy.deepcopy(base))
     with pytest.raises(Crash):
-        _quantize(copy.deepcopy(base), checkpoint_dir=tmp_path, on_block_done=crash_after_1)
+        run(copy.deepcopy(base), checkpoint_dir=tmp_path, on_block_done=crash_after_1)
     assert json.loads((tmp_path / "execute" / "state.json").read_text())["blocks_done"] == 2
     saved = load_file(tmp_path / "execute" / "inputs_2.safetensors")
     assert {k for k in saved if k.startswith("carried_")} == {f"carried_{b}" for b in range(4)}
     assert not torch.equal(saved["carried_0"], saved["batch_0"])  # the float stream, not a copy of the other
-    resumed = _quantize(copy.deepcopy(base), checkpoint_dir=tmp_path, resume=True)
+    resumed = run(copy.deepcopy(base), checkpoint_dir=tmp_path, resume=True)
     assert resumed.lowbit_info.stats["pipeline"]["resumed_blocks"] == 2
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if tables == "packed":
+        assert full.lowbit_info.settings["budget"]["tables"]["model.embed_tokens"] is not None
 
 
 def test_the_cli_refuses_float_targets_with_round_to_nearest(capsys, tiny_model_dir, tmp_path):
