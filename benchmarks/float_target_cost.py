@@ -18,23 +18,13 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from foundation import timed  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "float_target_cost.json"
-
-
-def run(cmd: list[str], log: Path) -> dict:
-    """One CLI run; its JSON, with the wall time added."""
-    print(f"=== {shlex.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    with log.with_suffix(".err").open("w") as err:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{shlex.join(cmd)} failed (exit {done.returncode}); see {log.with_suffix('.err')}")
-    return json.loads(done.stdout) | {"wall_s": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -64,7 +54,9 @@ def main() -> None:
             out = args.work / name
             cmd = [*base, *extra, "--out", str(out), "--overwrite", "--json"]
             results["commands"].append(shlex.join(cmd))
-            r = run(cmd, args.work / f"{name}-{rep}")
+            print(f"=== {shlex.join(cmd)}", flush=True)
+            stdout, wall, _ = timed(cmd)
+            r = json.loads(stdout) | {"wall_s": wall}
             results["rows"].append(
                 {
                     "run": name,

