@@ -163,6 +163,7 @@ def main() -> None:
             "formats": (q.get("budget") or {}).get("formats"),
             "tables": {n: f and format_from_dict(f).name for n, f in (budget.get("tables") or {}).items()},
             "table_probe": (q.get("budget") or {}).get("table_probe"),
+            "resumed_blocks": (q.get("pipeline") or {}).get("resumed_blocks", 0),  # a run resumed after a stop
             **_metrics(ev),
         }
         rows.append(row)
