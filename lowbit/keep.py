@@ -3,7 +3,8 @@
 A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
-`int8-gch` (per channel), a level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`), or a
+`int8-gch` (per channel), a level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`), a
+per-row fitted codebook (`cb3`: 2 to 4 bits), or a
 llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml); the group defaults to
 the run's --group-size.
 """
@@ -15,11 +16,12 @@ import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-from lowbit.formats import Format, IntFormat, LevelFormat
+from lowbit.formats import CodebookFormat, Format, IntFormat, LevelFormat
 from lowbit.formats.ggml import GGML_TYPES, ggml_type_named
 from lowbit.formats.levels import GRIDS
 
 _FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?$")
+_CODEBOOK = re.compile(r"^cb(\d+)$")
 _GRID = re.compile(rf"^({'|'.join(GRIDS)})(?:[-_]?g(\d+|ch))?$")
 
 
@@ -33,6 +35,9 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
     ggml = ggml_type_named(spec)
     if ggml is not None:  # llama.cpp's names: q4_0, iq4_nl, q4_k ...
         return ggml.fmt
+    codebook = _CODEBOOK.match(spec.strip().lower())
+    if codebook:  # per-row fitted levels: cb3
+        return CodebookFormat(int(codebook.group(1)))
     grid = _GRID.match(spec.strip().lower())
     if grid:  # lowbit's names of the level grids: nf4-g64, fp4-g32, nf3-gch, iq4nl-g32
         name, group = grid.groups()
@@ -40,7 +45,7 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(
-            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym, nf4-g64 "
+            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym, nf4-g64, cb3 "
             f"(level grids: {', '.join(GRIDS)}) or a llama.cpp type "
             f"({', '.join(t.name.lower() for t in GGML_TYPES)})"
         )

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.allocate.sensitivity import layer_probe_candidate, layer_role
+from lowbit.allocate.sensitivity import layer_probe_candidate, layer_role, probe_rank
 from lowbit.eval.metrics import evaluate_windows
 from lowbit.eval.reference import build_reference, replayed
 from lowbit.formats import Format
@@ -233,7 +233,7 @@ def probe_roles(
             if any(math.isinf(errors[n][j]) for n in names):  # not a choice for this role (rows of 256)
                 continue
             k = widths[role].get(fmt.bits)
-            if k is None or fmt.group_size > candidates[k].group_size:
+            if k is None or probe_rank(fmt) < probe_rank(candidates[k]):
                 widths[role][fmt.bits] = j
     streams = [(role, bits, j) for role, row in widths.items() for bits, j in row.items()]
     batch = len(windows)  # one batch: each layer is rounded once per candidate

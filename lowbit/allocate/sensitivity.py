@@ -52,7 +52,14 @@ def layer_probe_candidate(errors: list[float | None], candidates: list[Format]) 
     held = [j for j in held if candidates[j].bits >= 3]
     if not held:
         return None
-    return min(held, key=lambda j: (candidates[j].bits, -candidates[j].group_size))
+    return min(held, key=lambda j: probe_rank(candidates[j]))
+
+
+def probe_rank(fmt: Format) -> tuple:
+    """Which format of a width the probes perturb a layer with (the least first): a grid with
+    scales before a fitted codebook (whose error a probe's round-to-nearest would not match),
+    then the largest groups (per channel largest of all)."""
+    return (fmt.bits, fmt.kind == "codebook", -(fmt.group_size or math.inf))
 
 
 def layer_role(name: str) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from lowbit.errors import FormatError
+from lowbit.formats.codebook import CodebookFormat
 from lowbit.formats.floatmin import MinFormat
 from lowbit.formats.integer import IntFormat, QuantizedTensor
 from lowbit.formats.kquants import KQuantFormat
 from lowbit.formats.levels import LevelFormat
 
-FORMATS: dict[str, type] = {f.kind: f for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat)}
+FORMATS: dict[str, type] = {f.kind: f for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat, CodebookFormat)}
 
 Format = IntFormat  # every kind derives from it (geometry, fit/quantize/dequantize, packed buffers)
 
@@ -28,6 +29,7 @@ def format_from_dict(d: dict[str, Any]) -> Format:
 
 
 __all__ = [
+    "CodebookFormat",
     "FORMATS",
     "Format",
     "IntFormat",

@@ -13,6 +13,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import Format, QuantizedTensor
+from lowbit.formats.codebook import CodebookTensor
 from lowbit.formats.kquants import span_sum
 
 
@@ -121,6 +122,31 @@ def refit_scales(
     return qt.with_scales(scales)
 
 
+def refit_levels(
+    qt: CodebookTensor, weight: torch.Tensor, hessian: torch.Tensor, ridge: float = 1e-6, chunk_rows: int = 256
+) -> CodebookTensor:
+    """Given the codes, each row's levels that minimise tr((W - Ŵ) H (W - Ŵ)ᵀ).
+
+    Ŵ's row r is O_r l_r (O_r one-hot [in, 2^b] from its codes), so its levels solve the
+    2^b x 2^b system O_rᵀ H O_r l = O_rᵀ H w_r; a tiny ridge toward the fitted levels keeps a
+    level no code uses where it was."""
+    h = hessian.to(weight.dtype)
+    k = qt.fmt.num_levels
+    solved = []
+    for r0 in range(0, qt.shape[0], chunk_rows):
+        codes = qt.codes[r0 : r0 + chunk_rows].long()
+        onehot = torch.nn.functional.one_hot(codes, k).to(h.dtype)  # [rows, in, k]
+        oh = onehot.transpose(1, 2) @ h  # [rows, k, in]: O_rᵀ H
+        a = (oh @ onehot).double()
+        b = (oh @ weight[r0 : r0 + chunk_rows].unsqueeze(-1)).squeeze(-1).double()
+        l0 = qt.levels[r0 : r0 + chunk_rows].double()
+        lam = ridge * a.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30)
+        a.diagonal(dim1=1, dim2=2).add_(lam)
+        levels, info = torch.linalg.solve_ex(a, b + lam * l0)
+        solved.append(torch.where((info != 0).unsqueeze(1) | ~torch.isfinite(levels), l0, levels))
+    return qt.with_levels(torch.cat(solved))
+
+
 def _blocks(n: int, group_len: int, block_size: int, grouped: bool) -> list[tuple[int, int]]:
     """Column blocks; when groups are fitted on the fly, every group starts a block."""
     if not grouped:
@@ -173,6 +199,8 @@ def gptq_quantize(
 
     def fit_groups(cols: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w3, mask = fmt.to_groups(cols)
+        if getattr(fmt, "fits_by_importance", False):  # a fitted codebook: each column counts by its diag(H)
+            return fmt.fit(w3, mask, importance=fmt.to_groups(diag.unsqueeze(0))[0])
         if not clip_search:
             return fmt.fit(w3, mask)
         d3, _ = fmt.to_groups(diag.unsqueeze(0))
@@ -214,7 +242,8 @@ def gptq_quantize(
         codes, deq = codes[:, inv], deq[:, inv]
     qt = fmt.assemble(codes, params)
     if scale_refit and fmt.refits_scales:
-        qt = refit_scales(qt, weight.to(dtype), h_orig)
+        refit = refit_levels if isinstance(qt, CodebookTensor) else refit_scales
+        qt = refit(qt, weight.to(dtype), h_orig)
         deq = qt.dequantize().to(dtype)
     return GPTQResult(qt, damp, relative_output_error(weight, deq, h_orig))
 
