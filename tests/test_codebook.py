@@ -166,3 +166,21 @@ def test_the_probes_perturb_a_layer_with_a_grid_not_a_codebook_and_per_channel_c
     assert names[layer_probe_candidate([0.1] * 5, candidates)] == "int3-gch"
     assert names[layer_probe_candidate([0.1, 0.1, None, 0.1, 0.1], candidates)] == "int3-g128"
     assert names[layer_probe_candidate([0.1, None, None, 0.1, 0.1], candidates)] == "cb3"
+
+
+def test_the_cli_quantizes_to_a_codebook_reports_its_true_size_and_refuses_a_wide_one(capsys, tmp_path, tiny_model_dir):
+    import json
+
+    from test_cli import one_line_error, run
+
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--format", "cb3", "--method", "rtn", "--out", out, "--json")
+    assert code == 0
+    layers = lowbit.quantized_layers(out)
+    bits = sum(layer.format.storage_bits(*layer.shape) for layer in layers)
+    weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    assert json.loads(stdout)["bits_per_weight"] == pytest.approx(bits / weights)
+    code, stdout, _ = run(capsys, "inspect", out, "--layers")
+    assert code == 0 and "cb3" in stdout
+    code, _, err = run(capsys, "quantize", tiny_model_dir, "--format", "cb5", "--out", tmp_path / "o")
+    one_line_error(code, err, "a codebook has 2 to 4 bits per code")
