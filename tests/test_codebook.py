@@ -174,7 +174,9 @@ def test_the_cli_quantizes_to_a_codebook_reports_its_true_size_and_refuses_a_wid
     from test_cli import one_line_error, run
 
     out = tmp_path / "q"
-    code, stdout, _ = run(capsys, "quantize", tiny_model_dir, "--format", "cb3", "--method", "rtn", "--out", out, "--json")
+    code, stdout, _ = run(
+        capsys, "quantize", tiny_model_dir, "--format", "cb3", "--method", "rtn", "--out", out, "--json"
+    )
     assert code == 0
     layers = lowbit.quantized_layers(out)
     bits = sum(layer.format.storage_bits(*layer.shape) for layer in layers)
