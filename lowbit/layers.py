@@ -49,7 +49,7 @@ class QuantizedLayer:
 
     @property
     def scales(self) -> torch.Tensor:
-        """[out, groups] in the format's scale dtype."""
+        """[out, groups] in the format's scale dtype; for a codebook, its levels [out, 2^b]."""
         return self.tensor.scales
 
     @property
