@@ -4,9 +4,9 @@ names one of them: w[r, i] = levels[r, code[r, i]] (SqueezeLLM's dense format).
 The levels are fitted to the row by weighted k-means in one dimension, from NormalFloat levels
 scaled to the row, each weight counted by how much error there matters: under GPTQ, by the square
 root of its input channel's diag(H) (the importance the solver passes); under round-to-nearest,
-equally. The grid then follows the row's distribution (dense
-where its weights crowd, wide at its outliers) instead of a fixed shape times a scale. GPTQ then
-rounds the error-updated weights to those levels, and the solver's level refit
+equally. The grid then follows the row's distribution (dense where its weights crowd, wide at
+its outliers) instead of a fixed shape times a scale. GPTQ then rounds the error-updated weights
+to those levels, and the solver's level refit
 (`solvers.gptq.refit_levels`) re-solves them for the final codes by least squares against H.
 
 No group scales: a row's levels cost 2^b float16 values once, so the overhead falls with the
@@ -27,7 +27,7 @@ from lowbit.formats.integer import IntFormat, _compute_dtype
 from lowbit.formats.levels import normal_float_levels
 from lowbit.formats.packing import pack_codes, packed_words, unpack_codes
 
-KMEANS_ITERATIONS = 30  # Lloyd steps; on smollm2's rows the levels stop moving well before
+KMEANS_ITERATIONS = 30  # Lloyd steps at most; the fit stops as soon as no level moves
 
 
 @dataclass(frozen=True)
