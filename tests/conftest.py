@@ -62,6 +62,18 @@ def make_tiny_model(arch: str, seed: int = 0, layers: int | None = None) -> torc
     return model
 
 
+def logits_before_and_after_reload(model: torch.nn.Module, path: Path, x: torch.Tensor):
+    """The quantized model's logits on `x`, and those of the artifact it saves to `path`, loaded back."""
+    import lowbit
+
+    with torch.no_grad():
+        before = model(x).logits
+    lowbit.save(model, path)
+    loaded = lowbit.load(path)
+    with torch.no_grad():
+        return before, loaded(x).logits, loaded
+
+
 def kl_judge(reference: torch.nn.Module, windows: torch.Tensor):
     """KL(reference || model) per token on `windows`, as a function of the model: how the tests
     judge quality (never by weight error)."""

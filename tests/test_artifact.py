@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import logits_before_and_after_reload, make_tiny_model
 from safetensors.torch import load_file
 
 import lowbit
@@ -27,13 +27,7 @@ def _tensor_bytes(model):
 def test_loaded_artifact_gives_identical_logits(tmp_path, arch, bits, sym):
     model = make_tiny_model(arch)
     lowbit.quantize(model, bits=bits, method="rtn", group_size=48, symmetric=sym, progress=False)
-    x = torch.randint(0, 256, (2, 24))
-    with torch.no_grad():
-        before = model(x).logits
-    lowbit.save(model, tmp_path / "art")
-    loaded = lowbit.load(tmp_path / "art")
-    with torch.no_grad():
-        after = loaded(x).logits
+    before, after, loaded = logits_before_and_after_reload(model, tmp_path / "art", torch.randint(0, 256, (2, 24)))
     assert torch.equal(before, after)
     assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == len(model.lowbit_info.layers)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import logits_before_and_after_reload, make_tiny_model
 
 import lowbit
 from lowbit.errors import FormatError, LowbitError
@@ -140,12 +140,7 @@ def test_a_codebook_model_saves_loads_and_runs_to_the_same_logits(tmp_path):
     with torch.no_grad():
         reference = model(x).logits
     lowbit.quantize(model, format="cb3", method="gptq", calib=torch.randint(0, 256, (8, 32)), progress=False)
-    with torch.no_grad():
-        before = model(x).logits
-    lowbit.save(model, tmp_path / "art")
-    loaded = lowbit.load(tmp_path / "art")
-    with torch.no_grad():
-        after = loaded(x).logits
+    before, after, _ = logits_before_and_after_reload(model, tmp_path / "art", x)
     assert torch.equal(before, after)
     assert not torch.equal(before, reference)
     assert all(layer.format == CodebookFormat(3) for layer in lowbit.quantized_layers(tmp_path / "art"))
