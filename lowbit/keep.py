@@ -3,9 +3,9 @@
 A rule is a glob over full module names. `PATTERN` alone keeps the matching layers in
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
-`int8-gch` (per channel), a level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`), a
-per-row fitted codebook (`cb3`: 2 to 4 bits), or a
-llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml); the group defaults to
+`int8-gch` (per channel), `int3-g32-s8` (8-bit scale codes on a float16 step per row), a
+level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`), a per-row fitted codebook (`cb3`:
+2 to 4 bits), or a llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml); the group defaults to
 the run's --group-size.
 """
 
@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-from lowbit.formats import CodebookFormat, Format, IntFormat, LevelFormat
+from lowbit.formats import CodebookFormat, Format, IntFormat, LevelFormat, TwoLevelFormat
 from lowbit.formats.ggml import GGML_TYPES, ggml_type_named
 from lowbit.formats.levels import GRIDS
 
-_FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?$")
+_FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?(?:[-_]?s(\d+))?$")
 _CODEBOOK = re.compile(r"^cb(\d+)$")
 _GRID = re.compile(rf"^({'|'.join(GRIDS)})(?:[-_]?g(\d+|ch))?$")
 
@@ -49,8 +49,12 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
             f"(level grids: {', '.join(GRIDS)}) or a llama.cpp type "
             f"({', '.join(t.name.lower() for t in GGML_TYPES)})"
         )
-    bits, group, sym = m.groups()
-    return IntFormat(int(bits), _group(group, group_size), symmetric if sym is None else sym == "sym")
+    bits, group, sym, scale_code_bits = m.groups()
+    fmt = IntFormat(int(bits), _group(group, group_size), symmetric if sym is None else sym == "sym")
+    if scale_code_bits is None:
+        return fmt
+    # int3-g32-s8: each group's scale an 8-bit code times one float16 step per row
+    return TwoLevelFormat(fmt.bits, fmt.group_size, fmt.symmetric, scale_code_bits=int(scale_code_bits))
 
 
 def _group(spelled: str | None, default: int | None) -> int | None:

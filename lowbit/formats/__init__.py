@@ -14,8 +14,11 @@ from lowbit.formats.floatmin import MinFormat
 from lowbit.formats.integer import IntFormat, QuantizedTensor
 from lowbit.formats.kquants import KQuantFormat
 from lowbit.formats.levels import LevelFormat
+from lowbit.formats.twolevel import TwoLevelFormat
 
-FORMATS: dict[str, type] = {f.kind: f for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat, CodebookFormat)}
+FORMATS: dict[str, type] = {
+    f.kind: f for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat, CodebookFormat, TwoLevelFormat)
+}
 
 Format = IntFormat  # every kind derives from it (geometry, fit/quantize/dequantize, packed buffers)
 
@@ -37,5 +40,6 @@ __all__ = [
     "LevelFormat",
     "MinFormat",
     "QuantizedTensor",
+    "TwoLevelFormat",
     "format_from_dict",
 ]

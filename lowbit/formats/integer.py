@@ -8,6 +8,7 @@ reference GPTQ code, and is counted exactly in the size accounting.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -133,6 +134,16 @@ class IntFormat:
         self, w: torch.Tensor, mask: torch.Tensor | None = None, clip: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for each group of `w` [..., gs] (shapes [..., 1])."""
+        return self._fit_with(w, mask, clip, self._round_scale)
+
+    def _fit_with(
+        self,
+        w: torch.Tensor,
+        mask: torch.Tensor | None,
+        clip: float,
+        round_scale: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fit` with the scale rounded to what is stored by `round_scale` (zero points follow it)."""
         w = _compute_dtype(w)
         if mask is None:
             mask = torch.ones_like(w, dtype=torch.bool)
@@ -142,7 +153,7 @@ class IntFormat:
             wm = torch.where(mask, w, torch.zeros_like(w))
             idx = wm.abs().argmax(dim=-1, keepdim=True)
             peak = wm.gather(-1, idx) * clip
-            scale = self._round_scale(peak / -half)
+            scale = round_scale(peak / -half)
             zero = torch.full_like(scale, float(half))
             return scale, zero
         inf = torch.tensor(float("inf"), device=w.device)
@@ -150,7 +161,7 @@ class IntFormat:
         # for a group whose weights all share one sign (common in small or partial groups)
         xmin = torch.where(mask, w, inf).amin(dim=-1, keepdim=True).clamp(max=0) * clip
         xmax = torch.where(mask, w, -inf).amax(dim=-1, keepdim=True).clamp(min=0) * clip
-        scale = self._round_scale((xmax - xmin) / self.maxq)
+        scale = round_scale((xmax - xmin) / self.maxq)
         zero = torch.clamp(torch.round(-xmin / scale), 0, self.maxq)
         return scale, zero
 
