@@ -1,0 +1,113 @@
+"""Two-level integer grids (`int3-g32-s8`, lowbit.formats.twolevel): group scales stored as small
+integer codes times one float16 step per row."""
+
+import pytest
+import torch
+from conftest import logits_before_and_after_reload, make_tiny_model
+
+import lowbit
+from lowbit.errors import FormatError, LowbitError
+from lowbit.formats import IntFormat, TwoLevelFormat, format_from_dict
+from lowbit.keep import parse_format
+from lowbit.solvers import gptq_quantize
+from lowbit.solvers.gptq import relative_output_error
+
+
+def _layer(out=48, n=200, tokens=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) / n**0.5 + torch.eye(n)  # correlated inputs, as a model's are
+    x = torch.randn(tokens, n, generator=g) @ mix * torch.rand(n, generator=g)
+    w = torch.randn(out, n, generator=g) * torch.rand(out, 1, generator=g)
+    w[:, 5] *= 8  # an outlier column: its group's scale is far above the row's others
+    return w, 2 * x.T @ x / tokens
+
+
+@pytest.mark.parametrize("spec", ["int3-g32-s8", "int3-g32-sym-s8", "int2-g16-asym-s6", "int4-g64-s4"])
+def test_every_scale_is_a_whole_multiple_of_its_rows_step_and_the_bytes_are_counted(spec):
+    fmt = parse_format(spec)
+    assert isinstance(fmt, TwoLevelFormat) and format_from_dict(fmt.to_dict()) == fmt
+    assert parse_format(fmt.name) == fmt
+    w, h = _layer()
+    qt = gptq_quantize(w, h, fmt, act_order=True, clip_search=True, scale_refit=True).qt
+    codes = qt.scales / qt.step
+    assert torch.equal(codes, codes.round())
+    top = fmt.max_scale_code
+    assert codes.abs().max() <= top and (codes.abs() >= 1).all()
+    assert (codes > 0).all() if not fmt.symmetric else (codes < 0).any()  # signed absmax: negative scales
+    assert qt.step.dtype == torch.float32 and torch.equal(qt.step, qt.step.half().float())
+    packed = qt.pack()
+    assert packed["scale_step"].dtype == torch.float16 and packed["scale_step"].shape == (48, 1)
+    assert torch.equal(fmt.dequantize_packed(packed, 200), qt.dequantize())
+    groups = 48 * fmt.num_groups(200)
+    code_and_zero = fmt.scale_code_bits + (0 if fmt.symmetric else fmt.bits)
+    assert fmt.storage_bits(48, 200) == 48 * 200 * fmt.bits + groups * code_and_zero + 48 * 16
+    top_rows, bottom_rows = qt.split_rows([20, 28])
+    assert torch.equal(torch.cat([top_rows.dequantize(), bottom_rows.dequantize()]), qt.dequantize())
+    assert torch.equal(top_rows.step, qt.step[:20])
+
+
+def test_eight_bit_scale_codes_lose_almost_nothing_to_float16_scales_at_fewer_bits():
+    w, h = _layer()
+    plain, coded = IntFormat(3, 32), parse_format("int3-g32-s8")
+    e_plain = gptq_quantize(w, h, plain, act_order=True, clip_search=True, scale_refit=True).error
+    e_coded = gptq_quantize(w, h, coded, act_order=True, clip_search=True, scale_refit=True).error
+    assert e_coded < 1.01 * e_plain
+    assert coded.bits_per_weight(48, 200) < plain.bits_per_weight(48, 200) - 0.15
+
+
+def test_a_row_whose_widest_group_is_far_above_the_rest_keeps_that_group_unclipped():
+    """The step is set from the widest group, rounded up, so that group's scale gets the largest
+    code and its outlier is rounded, not clipped: off by at most half a step of its grid."""
+    fmt = parse_format("int4-g32-s8")
+    w = torch.randn(4, 128) * 0.01
+    w[:, 70] = torch.tensor([3.0, -2.0, 1.0, 0.5])
+    qt = fmt.quantize_tensor(w)
+    assert torch.equal((qt.scales[:, 2] / qt.step[:, 0]).round(), torch.full((4,), 255.0))
+    assert ((qt.dequantize()[:, 70] - w[:, 70]).abs() <= qt.scales[:, 2] / 2 + 1e-6).all()
+
+
+def test_gptq_with_static_or_lazy_groups_rounds_every_weight_to_the_stored_scales():
+    w, h = _layer()
+    fmt = parse_format("int3-g32-s8")
+    for act_order in (True, False):
+        res = gptq_quantize(w, h, fmt, act_order=act_order, clip_search=True, scale_refit=False)
+        qt = res.qt
+        rebuilt = fmt.unpack(qt.shape, qt.pack())
+        assert torch.equal(rebuilt.dequantize(), qt.dequantize())
+        rtn_error = relative_output_error(w, fmt.quantize_tensor(w, clip_search=True).dequantize(), h)
+        assert res.error < rtn_error  # the error feedback still pays with two-level scales
+
+
+def test_the_scale_refit_lowers_the_output_error_and_stays_on_a_step_per_row():
+    w, h = _layer(seed=3)
+    fmt = parse_format("int3-g32-s8")
+    before = gptq_quantize(w, h, fmt, act_order=True, clip_search=True, scale_refit=False)
+    after = gptq_quantize(w, h, fmt, act_order=True, clip_search=True, scale_refit=True)
+    assert torch.equal(before.qt.codes, after.qt.codes)
+    assert after.error < 0.99 * before.error
+    assert torch.equal(after.qt.scales / after.qt.step, (after.qt.scales / after.qt.step).round())
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("int3-g32-s3", "4 to 8 bits"), ("int3-g32-s9", "4 to 8 bits"), ("int3-gch-s8", "per-channel")],
+)
+def test_nonsense_scale_codes_are_refused(spec, message):
+    with pytest.raises(FormatError, match=message):
+        parse_format(spec)
+
+
+def test_a_two_level_model_saves_loads_and_runs_to_the_same_logits(tmp_path):
+    model = make_tiny_model("llama")
+    x = torch.randint(0, 256, (2, 24))
+    lowbit.quantize(model, format="int3-g16-s8", method="gptq", calib=torch.randint(0, 256, (8, 32)), progress=False)
+    before, after, _ = logits_before_and_after_reload(model, tmp_path / "art", x)
+    assert torch.equal(before, after)
+    assert all(layer.format == parse_format("int3-g16-s8") for layer in lowbit.quantized_layers(tmp_path / "art"))
+
+
+@pytest.mark.parametrize("target", ["gguf", "compressed-tensors"])
+def test_export_targets_refuse_two_level_scales_by_name(target):
+    model = make_tiny_model("llama")
+    with pytest.raises(LowbitError, match="int4-g32-asym-s8 cannot be written"):
+        lowbit.quantize(model, format="int4-g32-asym-s8", method="rtn", target=target, progress=False)
