@@ -1,0 +1,90 @@
+"""Two-level scales (8-bit, 6-bit scale codes on a float16 step per row) against float16 group
+scales, layer by layer: GPTQ's relative output error tr(dW H dWᵀ)/tr(W H Wᵀ) on real smollm2-135m
+layers, each solved alone against the Hessian of its float inputs with the solver's default
+refinements (act-order, clip search, scale refit). A screen before end-to-end runs, which judge
+by KL.
+
+    LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/twolevel_layers.py \\
+        --out benchmarks/results/twolevel_layers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from codebook_layers import hessians  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.data.windows import calibration_data  # noqa: E402
+from lowbit.keep import parse_format  # noqa: E402
+from lowbit.solvers import gptq_quantize  # noqa: E402
+
+SPECS = (
+    "int2-g64", "int2-g32", "int2-g32-s8", "int2-g16-s8",
+    "int3-g128", "int3-g64", "int3-g64-s8", "int3-g32", "int3-g32-s8", "int3-g32-s6", "int3-g32-sym-s8",
+    "int3-g16-s8",
+    "int4-g128", "int4-g64", "int4-g64-s8", "int4-g32-s8",
+)  # fmt: skip
+PAIRS = (
+    ("int2-g32-s8", "int2-g32"),
+    ("int3-g64-s8", "int3-g64"),
+    ("int3-g32-s8", "int3-g32"),
+    ("int3-g32-s6", "int3-g32"),
+    ("int4-g64-s8", "int4-g64"),
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--blocks", default="3,15")
+    ap.add_argument("--windows", type=int, default=32, help="C4 calibration windows of 512 tokens")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "twolevel_layers.json")
+    args = ap.parse_args()
+    loaded = lowbit.load_model(args.model)
+    windows = calibration_data(loaded.tokenizer, "c4", nsamples=args.windows, seqlen=512)
+    blocks = [int(b) for b in args.blocks.split(",")]
+    rows = []
+    for (b, name), h in hessians(loaded.model, windows, blocks).items():
+        w = loaded.model.model.layers[b].get_submodule(name).weight.detach()
+        row = {"block": b, "layer": name, "shape": list(w.shape)}
+        for spec in SPECS:
+            fmt = parse_format(spec)
+            res = gptq_quantize(w, h, fmt, act_order=True, clip_search=True, scale_refit=True)
+            row[spec] = {"bpw": fmt.bits_per_weight(*w.shape), "error": res.error}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ratios = {f"{a}/{b}": [r[a]["error"] / r[b]["error"] for r in rows] for a, b in PAIRS}
+    summary = {k: {"min": min(v), "max": max(v), "geomean": statistics.geometric_mean(v)} for k, v in ratios.items()}
+    vs_g128 = {s: statistics.geometric_mean([r[s]["error"] / r["int3-g128"]["error"] for r in rows]) for s in SPECS}
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                "model": args.model,
+                "rows": rows,
+                "error_ratios": summary,
+                "error_vs_int3_g128_geomean": vs_g128,
+            },
+            indent=1,
+        )
+    )
+    for k, v in summary.items():
+        print(f"{k}: {v['min']:.4f} .. {v['max']:.4f} (geomean {v['geomean']:.4f})")
+    for s, v in vs_g128.items():
+        print(f"{s}: {v:.3f} x int3-g128")
+
+
+if __name__ == "__main__":
+    main()
