@@ -4,7 +4,7 @@ A rule is a glob over full module names. `PATTERN` alone keeps the matching laye
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
 `int8-gch` (per channel), `int3-g32-s8` (8-bit scale codes on a float16 step per row), a
-level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`), a per-row fitted codebook (`cb3`:
+level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`, `nf3-g32-s8`), a per-row fitted codebook (`cb3`:
 2 to 4 bits), or a llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml); the group defaults to
 the run's --group-size.
 """
@@ -16,13 +16,13 @@ import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-from lowbit.formats import CodebookFormat, Format, IntFormat, LevelFormat, TwoLevelFormat
+from lowbit.formats import CodebookFormat, Format, IntFormat, LevelFormat, TwoLevelFormat, TwoLevelGridFormat
 from lowbit.formats.ggml import GGML_TYPES, ggml_type_named
 from lowbit.formats.levels import GRIDS
 
 _FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?(?:[-_]?s(\d+))?$")
 _CODEBOOK = re.compile(r"^cb(\d+)$")
-_GRID = re.compile(rf"^({'|'.join(GRIDS)})(?:[-_]?g(\d+|ch))?$")
+_GRID = re.compile(rf"^({'|'.join(GRIDS)})(?:[-_]?g(\d+|ch))?(?:[-_]?s(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,11 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
         return CodebookFormat(int(codebook.group(1)))
     grid = _GRID.match(spec.strip().lower())
     if grid:  # lowbit's names of the level grids: nf4-g64, fp4-g32, nf3-gch, iq4nl-g32
-        name, group = grid.groups()
-        return LevelFormat(len(GRIDS[name]).bit_length() - 1, _group(group, group_size), grid=name)
+        name, group, scale_code_bits = grid.groups()
+        bits, group = len(GRIDS[name]).bit_length() - 1, _group(group, group_size)
+        if scale_code_bits is None:
+            return LevelFormat(bits, group, grid=name)
+        return TwoLevelGridFormat(bits, group, grid=name, scale_code_bits=int(scale_code_bits))
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(

@@ -14,10 +14,11 @@ from lowbit.formats.floatmin import MinFormat
 from lowbit.formats.integer import IntFormat, QuantizedTensor
 from lowbit.formats.kquants import KQuantFormat
 from lowbit.formats.levels import LevelFormat
-from lowbit.formats.twolevel import TwoLevelFormat
+from lowbit.formats.twolevel import TwoLevelFormat, TwoLevelGridFormat
 
 FORMATS: dict[str, type] = {
-    f.kind: f for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat, CodebookFormat, TwoLevelFormat)
+    f.kind: f
+    for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat, CodebookFormat, TwoLevelFormat, TwoLevelGridFormat)
 }
 
 Format = IntFormat  # every kind derives from it (geometry, fit/quantize/dequantize, packed buffers)
@@ -41,5 +42,6 @@ __all__ = [
     "MinFormat",
     "QuantizedTensor",
     "TwoLevelFormat",
+    "TwoLevelGridFormat",
     "format_from_dict",
 ]

@@ -17,6 +17,7 @@ own runtime.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -87,6 +88,16 @@ class LevelFormat(IntFormat):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per group, the better (by squared error) of two scales: the largest-magnitude weight on
         the grid's largest-magnitude level, or on the extreme level of its own sign."""
+        return self._fit_with(w, mask, clip, self._round_scale)
+
+    def _fit_with(
+        self,
+        w: torch.Tensor,
+        mask: torch.Tensor | None,
+        clip: float,
+        round_scale: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fit` with each candidate scale rounded to what is stored by `round_scale`."""
         w = _compute_dtype(w)
         if mask is None:
             mask = torch.ones_like(w, dtype=torch.bool)
@@ -97,7 +108,7 @@ class LevelFormat(IntFormat):
         zero = torch.zeros_like(peak)
         best_scale, best_err = None, None
         for extreme in (lo, torch.where(peak >= 0, torch.full_like(peak, hi), torch.full_like(peak, lo))):
-            scale = self._round_scale(peak / extreme)
+            scale = round_scale(peak / extreme)
             err = (((self.dequantize(self.quantize(w, scale, zero), scale, zero) - w) * mask) ** 2).sum(-1, True)
             if best_scale is None:
                 best_scale, best_err = scale, err

@@ -22,19 +22,16 @@ import torch
 from lowbit.dtypes import DTYPES
 from lowbit.errors import FormatError
 from lowbit.formats.integer import IntFormat, QuantizedTensor, _compute_dtype
+from lowbit.formats.levels import LevelFormat
 from lowbit.formats.packing import pack_codes, packed_words, unpack_codes
 
 
-@dataclass(frozen=True)
-class TwoLevelFormat(IntFormat):
-    """b-bit codes; each group's scale a `scale_code_bits`-bit code times its row's `scale_dtype` step.
+class TwoLevelScales:
+    """What makes a grid two-level (mixed in before the grid's own format class): each group's
+    scale a `scale_code_bits`-bit code times its row's `scale_dtype` step.
 
     Symmetric grids have signed scales (the signed absmax sits on the most negative code), so their
     scale codes are signed: one bit of the k goes to the sign."""
-
-    scale_code_bits: int = 8
-
-    kind: ClassVar[str] = "twolevel"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,7 +94,7 @@ class TwoLevelFormat(IntFormat):
         return scale, zero, step.expand_as(scale)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
-        return super().quantize(w, scale, zero)
+        return super().quantize(w, scale, zero)  # type: ignore[misc]
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return super().dequantize(q, scale, zero)
@@ -157,6 +154,24 @@ class TwoLevelFormat(IntFormat):
         zeros = None if self.symmetric else unpack_codes(packed["qzeros"], self.bits, ng)
         codes = unpack_codes(packed["qweight"], self.bits, n)
         return TwoLevelTensor(self, shape, codes, scale_codes * step, zeros, step)
+
+
+@dataclass(frozen=True)
+class TwoLevelFormat(TwoLevelScales, IntFormat):
+    """An integer grid with two-level scales: `int3-g32-s8`."""
+
+    scale_code_bits: int = 8
+
+    kind: ClassVar[str] = "twolevel"
+
+
+@dataclass(frozen=True)
+class TwoLevelGridFormat(TwoLevelScales, LevelFormat):
+    """A level grid (NormalFloat, IQ4_NL's, FP4's) with two-level scales: `nf3-g32-s8`."""
+
+    scale_code_bits: int = 8
+
+    kind: ClassVar[str] = "twolevel-grid"
 
 
 @dataclass
