@@ -120,3 +120,21 @@ def test_export_targets_refuse_two_level_scales_by_name(target):
     model = make_tiny_model("llama")
     with pytest.raises(LowbitError, match="int4-g32-asym-s8 cannot be written"):
         lowbit.quantize(model, format="int4-g32-asym-s8", method="rtn", target=target, progress=False)
+
+
+def test_a_budget_plans_over_two_level_candidates_within_its_bits_and_reloads(tmp_path):
+    from lowbit.recipe import GPTQSettings
+
+    model = make_tiny_model("llama")
+    names = ("int2-g16-s8", "int3-g32-s8", "nf3-g32-s8", "int4-g32-s8", "int8-g128")
+    candidates = [parse_format(s) for s in names]
+    windows = torch.randint(2, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    q = lowbit.quantize(
+        model, budget_bpw=3.4, calib=windows, gptq=GPTQSettings(batch_size=4), candidates=candidates, progress=False
+    )
+    info = q.lowbit_info
+    assert 3.2 < info.bits_per_weight <= 3.4
+    used = {layer.format for layer in lowbit.quantized_layers(q)}
+    assert len(used) >= 2 and used <= set(candidates)
+    before, after, _ = logits_before_and_after_reload(q, tmp_path / "art", torch.randint(0, 256, (2, 16)))
+    assert torch.equal(before, after)
