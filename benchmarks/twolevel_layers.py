@@ -1,8 +1,8 @@
-"""Two-level scales (8-bit, 6-bit scale codes on a float16 step per row) against float16 group
-scales, layer by layer: GPTQ's relative output error tr(dW H dWᵀ)/tr(W H Wᵀ) on real smollm2-135m
-layers, each solved alone against the Hessian of its float inputs with the solver's default
-refinements (act-order, clip search, scale refit). A screen before end-to-end runs, which judge
-by KL.
+"""Two-level scales (8-bit and 6-bit scale codes on a float16 step per row; integer and NormalFloat
+grids) against float16 group scales, layer by layer: GPTQ's relative output error
+tr(dW H dWᵀ)/tr(W H Wᵀ) on real smollm2-135m layers, each solved alone against the Hessian of its
+float inputs with the solver's default refinements (act-order, clip search, scale refit). A
+screen before end-to-end runs, which judge by KL.
 
     LOWBIT_DATA_DIR=../shared/data .venv/bin/python benchmarks/twolevel_layers.py \\
         --out benchmarks/results/twolevel_layers.json
@@ -33,6 +33,7 @@ SPECS = (
     "int3-g128", "int3-g64", "int3-g64-s8", "int3-g32", "int3-g32-s8", "int3-g32-s6", "int3-g32-sym-s8",
     "int3-g16-s8",
     "int4-g128", "int4-g64", "int4-g64-s8", "int4-g32-s8",
+    "nf3-g64", "nf3-g64-s8", "nf3-g32", "nf3-g32-s8", "nf4-g64", "nf4-g64-s8",
 )  # fmt: skip
 PAIRS = (
     ("int2-g32-s8", "int2-g32"),
@@ -40,6 +41,9 @@ PAIRS = (
     ("int3-g32-s8", "int3-g32"),
     ("int3-g32-s6", "int3-g32"),
     ("int4-g64-s8", "int4-g64"),
+    ("nf3-g64-s8", "nf3-g64"),
+    ("nf3-g32-s8", "nf3-g32"),
+    ("nf4-g64-s8", "nf4-g64"),
 )
 
 
