@@ -78,6 +78,7 @@ class IntFormat:
     # ---- what solvers and the runtime ask of every format ---------------------
     refits_scales: ClassVar[bool] = True  # the dequantized weight is linear in each group's scale
     groups_per_fit: ClassVar[int] = 1  # groups whose parameters are fitted together
+    fits_by_importance: ClassVar[bool] = False  # `fit` takes each column's importance (GPTQ: diag(H))
 
     @property
     def row_multiple(self) -> int:

@@ -199,7 +199,7 @@ def gptq_quantize(
 
     def fit_groups(cols: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, ...]:
         w3, mask = fmt.to_groups(cols)
-        if getattr(fmt, "fits_by_importance", False):  # a fitted codebook: each column counts by its diag(H)
+        if fmt.fits_by_importance:  # a fitted codebook: each column counts by its diag(H)
             return fmt.fit(w3, mask, importance=fmt.to_groups(diag.unsqueeze(0))[0])
         if not clip_search:
             return fmt.fit(w3, mask)
