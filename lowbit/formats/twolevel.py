@@ -94,7 +94,7 @@ class TwoLevelScales:
         return scale, zero, step.expand_as(scale)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
-        return super().quantize(w, scale, zero)  # type: ignore[misc]
+        return super().quantize(w, scale, zero)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return super().dequantize(q, scale, zero)
