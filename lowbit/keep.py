@@ -4,9 +4,9 @@ A rule is a glob over full module names. `PATTERN` alone keeps the matching laye
 floating point; `PATTERN=FORMAT` gives them that format whatever the plan says. The
 first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
 `int8-gch` (per channel), `int3-g32-s8` (8-bit scale codes on a float16 step per row), a
-level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`, `nf3-g32-s8`), a per-row fitted codebook (`cb3`:
-2 to 4 bits), or a llama.cpp type lowbit writes (`q2_k` ... `q8_0`, lowbit.formats.ggml); the group defaults to
-the run's --group-size.
+level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`, `nf3-g32-s8`), a per-row fitted
+codebook (`cb3`: 2 to 4 bits), or a llama.cpp type lowbit writes (`q2_k` ... `q8_0`,
+lowbit.formats.ggml); the group defaults to the run's --group-size.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(
-            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym, nf4-g64, cb3 "
+            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym, int3-g32-s8, nf4-g64, cb3 "
             f"(level grids: {', '.join(GRIDS)}) or a llama.cpp type "
             f"({', '.join(t.name.lower() for t in GGML_TYPES)})"
         )
