@@ -47,6 +47,24 @@ def hessians(model, windows: torch.Tensor, blocks: list[int], batch: int = 8) ->
     return {k: (v / windows.numel()).float() for k, v in sums.items()}
 
 
+def screen_layers(model: str, windows: int, blocks: str, specs: list[str]) -> list[dict]:
+    """One row per listed layer of the listed blocks: each format's bpw and GPTQ output error
+    (the solver's default refinements), the layer solved alone on float inputs."""
+    loaded = lowbit.load_model(model)
+    calib = calibration_data(loaded.tokenizer, "c4", nsamples=windows, seqlen=512)
+    rows = []
+    for (b, name), h in hessians(loaded.model, calib, [int(b) for b in blocks.split(",")]).items():
+        w = loaded.model.model.layers[b].get_submodule(name).weight.detach()
+        row = {"block": b, "layer": name, "shape": list(w.shape)}
+        for spec in specs:
+            fmt = parse_format(spec)
+            res = gptq_quantize(w, h, fmt, act_order=True, clip_search=True, scale_refit=True)
+            row[spec] = {"bpw": fmt.bits_per_weight(*w.shape), "error": res.error}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -54,19 +72,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="C4 calibration windows of 512 tokens")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "codebook_layers.json")
     args = ap.parse_args()
-    loaded = lowbit.load_model(args.model)
-    windows = calibration_data(loaded.tokenizer, "c4", nsamples=args.windows, seqlen=512)
-    blocks = [int(b) for b in args.blocks.split(",")]
-    rows = []
-    for (b, name), h in hessians(loaded.model, windows, blocks).items():
-        w = loaded.model.model.layers[b].get_submodule(name).weight.detach()
-        row = {"block": b, "layer": name, "shape": list(w.shape)}
-        for spec in [s for pair in PAIRS for s in pair]:
-            fmt = parse_format(spec)
-            res = gptq_quantize(w, h, fmt, act_order=True, clip_search=True, scale_refit=True)
-            row[spec] = {"bpw": fmt.bits_per_weight(*w.shape), "error": res.error}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = screen_layers(args.model, args.windows, args.blocks, [s for pair in PAIRS for s in pair])
     ratios = {f"{a}/{b}": [r[a]["error"] / r[b]["error"] for r in rows] for a, b in PAIRS}
     summary = {k: {"min": min(v), "max": max(v)} for k, v in ratios.items()}
     args.out.write_text(

@@ -21,12 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codebook_layers import hessians  # noqa: E402
-
-import lowbit  # noqa: E402
-from lowbit.data.windows import calibration_data  # noqa: E402
-from lowbit.keep import parse_format  # noqa: E402
-from lowbit.solvers import gptq_quantize  # noqa: E402
+from codebook_layers import screen_layers  # noqa: E402
 
 SPECS = (
     "int2-g64", "int2-g32", "int2-g32-s8", "int2-g16-s8",
@@ -54,19 +49,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="C4 calibration windows of 512 tokens")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "twolevel_layers.json")
     args = ap.parse_args()
-    loaded = lowbit.load_model(args.model)
-    windows = calibration_data(loaded.tokenizer, "c4", nsamples=args.windows, seqlen=512)
-    blocks = [int(b) for b in args.blocks.split(",")]
-    rows = []
-    for (b, name), h in hessians(loaded.model, windows, blocks).items():
-        w = loaded.model.model.layers[b].get_submodule(name).weight.detach()
-        row = {"block": b, "layer": name, "shape": list(w.shape)}
-        for spec in SPECS:
-            fmt = parse_format(spec)
-            res = gptq_quantize(w, h, fmt, act_order=True, clip_search=True, scale_refit=True)
-            row[spec] = {"bpw": fmt.bits_per_weight(*w.shape), "error": res.error}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = screen_layers(args.model, args.windows, args.blocks, list(SPECS))
     ratios = {f"{a}/{b}": [r[a]["error"] / r[b]["error"] for r in rows] for a, b in PAIRS}
     summary = {k: {"min": min(v), "max": max(v), "geomean": statistics.geometric_mean(v)} for k, v in ratios.items()}
     vs_g128 = {s: statistics.geometric_mean([r[s]["error"] / r["int3-g128"]["error"] for r in rows]) for s in SPECS}

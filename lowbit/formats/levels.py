@@ -83,13 +83,6 @@ class LevelFormat(IntFormat):
     def code_values(self, codes: torch.Tensor, zeros: torch.Tensor | float | None) -> torch.Tensor:
         return self.levels(codes.device)[codes.long()]
 
-    def fit(
-        self, w: torch.Tensor, mask: torch.Tensor | None = None, clip: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per group, the better (by squared error) of two scales: the largest-magnitude weight on
-        the grid's largest-magnitude level, or on the extreme level of its own sign."""
-        return self._fit_with(w, mask, clip, self._round_scale)
-
     def _fit_with(
         self,
         w: torch.Tensor,
@@ -97,7 +90,9 @@ class LevelFormat(IntFormat):
         clip: float,
         round_scale: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`fit` with each candidate scale rounded to what is stored by `round_scale`."""
+        """Per group, the better (by squared error) of two scales, each rounded by `round_scale`
+        (IntFormat.fit passes the stored dtype's): the largest-magnitude weight on the grid's
+        largest-magnitude level, or on the extreme level of its own sign."""
         w = _compute_dtype(w)
         if mask is None:
             mask = torch.ones_like(w, dtype=torch.bool)
