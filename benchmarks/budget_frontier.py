@@ -9,6 +9,8 @@ Every run is the CLI in its own process (budget_e2e.run: `lowbit quantize ... --
     u:FORMAT                the uniform format by name (`--format nf4-g128`), GPTQ
     b:BPW[:WEIGHTING[:ALLOCATOR[:TRUST[:fade]]]]   a bit budget (default weighting relative,
                             allocator upgrade, the allocator's default --trust; fade: --fade)
+    b:...+awq, b:...+ft, b:...+ftDAMP   the budget with `--awq`, `--float-target`, or float
+                            targets with `--float-target-damp DAMP` (suffixes combine: +awq+ft0.1)
 
 A finished run's JSON in WORK is reused. The results file is extended (a row per run name, the
 latest replacing an earlier one, each with its date; every command kept) and rewritten after every
@@ -39,8 +41,34 @@ from lowbit.formats import format_from_dict  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "budget_frontier.json"
 
 
+def suffix_args(suffix: str) -> list[str]:
+    """A run spec's `+awq`, `+ft` or `+ftDAMP`: activation-aware scaling or float targets."""
+    if suffix == "awq":
+        return ["--awq"]
+    if suffix == "ft":
+        return ["--float-target"]
+    if suffix.startswith("ft"):
+        try:
+            float(suffix[2:])
+        except ValueError:
+            pass
+        else:
+            return ["--float-target", "--float-target-damp", suffix[2:]]
+    raise SystemExit(f"bad run spec suffix +{suffix}: +awq (--awq), +ft (--float-target) or +ftDAMP")
+
+
 def spec_args(spec: str) -> tuple[str, list[str]]:
     """A run's file name and its CLI arguments."""
+    spec, *suffixes = spec.split("+")
+    if suffixes and not spec.startswith("b:"):
+        raise SystemExit(f"bad run spec {spec!r}: only budget runs (b:...) take +awq or +ft here")
+    name, args = _base_spec_args(spec)
+    for suffix in suffixes:
+        name, args = f"{name}-{suffix}", [*args, *suffix_args(suffix)]
+    return name, args
+
+
+def _base_spec_args(spec: str) -> tuple[str, list[str]]:
     kind, *rest = spec.split(":")
     if kind == "u" and len(rest) == 2:
         return f"u-int{rest[0]}g{rest[1]}", ["--bits", rest[0], "--group-size", rest[1]]

@@ -38,11 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from budget_frontier import spec_args as frontier_spec_args  # noqa: E402
+from budget_frontier import suffix_args  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "rotation.json"
-
-
-SUFFIXES = {"awq": "--awq", "ft": "--float-target"}
 
 
 def spec_args(spec: str) -> tuple[str, list[str]]:
@@ -50,11 +48,7 @@ def spec_args(spec: str) -> tuple[str, list[str]]:
     if suffixes:
         name, args = spec_args(spec)
         for suffix in suffixes:
-            damp = suffix[2:] if suffix.startswith("ft") and suffix[2:] else None
-            if suffix not in SUFFIXES and damp is None:
-                raise SystemExit(f"bad run spec suffix +{suffix}: +awq (--awq), +ft (--float-target) or +ftDAMP")
-            flags = [SUFFIXES["ft"], "--float-target-damp", damp] if damp else [SUFFIXES[suffix]]
-            name, args = f"{name}-{suffix}", [*args, *flags]
+            name, args = f"{name}-{suffix}", [*args, *suffix_args(suffix)]
         return name, args
     kind, *rest = spec.split(":")
     if kind == "u":  # the uniform runs are named and spelled as in the frontier sweep
