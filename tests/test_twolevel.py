@@ -75,6 +75,24 @@ def test_a_row_whose_widest_group_is_far_above_the_rest_keeps_that_group_unclipp
     assert ((qt.dequantize()[:, 70] - w[:, 70]).abs() <= qt.scales[:, 2] / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("spec", ["int3-g32-s8", "nf3-g32-s8"])
+def test_a_range_search_finds_each_rows_step_once_and_fits_as_one_clip_at_a_time_would(spec, monkeypatch):
+    """The step depends on the unclipped ranges only, so a search over clips (GPTQ's, RTN's)
+    fits it once: half the grid fits it did when every clip found it again."""
+    fmt = parse_format(spec)
+    w3, mask = fmt.to_groups(torch.randn(8, 256))
+    clips = [1.0, 0.9, 0.75, 0.6]
+    alone = [fmt.fit(w3, mask, clip=c) for c in clips]
+    grid_fits = []
+    grid = type(fmt).__mro__[2]  # the grid's own format: IntFormat or LevelFormat
+    original = grid._fit_with
+    monkeypatch.setattr(grid, "_fit_with", lambda self, *a: grid_fits.append(a[2]) or original(self, *a))
+    together = list(fmt.fit_clips(w3, mask, clips))
+    assert grid_fits == [1.0, *clips]  # the unclipped fit for the step, then one per clip
+    for a, b in zip(alone, together, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_gptq_with_static_or_lazy_groups_rounds_every_weight_to_the_stored_scales():
     w, h = _layer()
     fmt = parse_format("int3-g32-s8")

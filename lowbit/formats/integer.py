@@ -8,7 +8,7 @@ reference GPTQ code, and is counted exactly in the size accounting.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -136,6 +136,14 @@ class IntFormat:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for each group of `w` [..., gs] (shapes [..., 1])."""
         return self._fit_with(w, mask, clip, self._round_scale)
+
+    def fit_clips(
+        self, w: torch.Tensor, mask: torch.Tensor | None, clips: Iterable[float]
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """`fit` at each clip in turn, for a range search; a format whose fits share work across
+        clips (two-level scales' row step) overrides it."""
+        for clip in clips:
+            yield self.fit(w, mask, clip=clip)
 
     def _fit_with(
         self,

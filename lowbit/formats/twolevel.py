@@ -14,6 +14,7 @@ holds them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -87,11 +88,18 @@ class TwoLevelScales:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale, zero, step) per group; `w` holds whole rows. The step comes from the unclipped
         ranges, so the clip search's choices per group all lie on one grid per row."""
+        return next(self.fit_clips(w, mask, [clip]))
+
+    def fit_clips(
+        self, w: torch.Tensor, mask: torch.Tensor | None, clips: Iterable[float]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`fit` at each clip, the row step found once: it depends on the unclipped ranges only."""
         w = _compute_dtype(w)
         raw, _ = self._fit_with(w, mask, 1.0, lambda s: s)
         step = self.row_step(raw)
-        scale, zero = self._fit_with(w, mask, clip, lambda s: self.on_step(s, step))
-        return scale, zero, step.expand_as(scale)
+        for clip in clips:
+            scale, zero = self._fit_with(w, mask, clip, lambda s: self.on_step(s, step))
+            yield scale, zero, step.expand_as(scale)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
         return super().quantize(w, scale, zero)
@@ -118,11 +126,11 @@ class TwoLevelScales:
         """Round-to-nearest; `clip_search` picks, per group, the range shrink with least MSE."""
         out, n = weight.shape
         w3, mask = self.to_groups(weight.float())
-        params = self.fit(w3, mask)
+        fits = self.fit_clips(w3, mask, [1.0 - max_shrink * i / grid for i in range(grid + 1 if clip_search else 1)])
+        params = next(fits)
         if clip_search:
             best = self._group_error(w3, mask, *params[:2])
-            for i in range(1, grid + 1):
-                p = self.fit(w3, mask, clip=1.0 - max_shrink * i / grid)
+            for p in fits:
                 err = self._group_error(w3, mask, *p[:2])
                 better = err < best
                 best = torch.where(better, err, best)

@@ -80,10 +80,10 @@ def fit_clipped(
         # groups fitted together (a k-quant super-block) choose one shrink together
         return span_sum((e * e * weight * mask).sum(dim=-1, keepdim=True), fmt.groups_per_fit)
 
-    params = fmt.fit(w3, mask)
+    fits = fmt.fit_clips(w3, mask, [1.0 - max_shrink * i / grid for i in range(grid + 1)])
+    params = next(fits)
     best = error(params)
-    for i in range(1, grid + 1):
-        p = fmt.fit(w3, mask, clip=1.0 - max_shrink * i / grid)
+    for p in fits:
         err = error(p)
         better = err < best
         best = torch.where(better, err, best)
