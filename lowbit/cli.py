@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--candidates",
         help="budget runs: the formats each layer may get, comma-separated (names as in --format, e.g. "
-        "q4_0,q5_0,q6_k,q8_0); default: integer grids of 2-6 bits in groups of 32, 64 and 128, int3/int4 in "
-        "groups of 256, int8 g128, nf3/nf4 in groups of 64 and 128; or every type the --target holds but q4_1/q5_1",
+        "q4_0,q5_0,q6_k,q8_0); default (recipe.DEFAULT_CANDIDATES): int2 g16/g32/g64, int3/int4/nf3/nf4 g32/g64 "
+        "and int5/int6 g64 with 8-bit scale codes (-s8), int2/int3/nf3 g128, int3 g256, int8 g128; or every type "
+        "the --target holds but q4_1/q5_1",
     )
     q.add_argument(
         "--measurements",
