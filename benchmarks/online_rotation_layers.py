@@ -16,24 +16,19 @@ factor for widths that are not powers of two: 576 = 9 x 64, 1536 = 3 x 512).
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-import lowbit
-from lowbit.data.windows import calibration_data
 from lowbit.keep import parse_format
 from lowbit.solvers import gptq_quantize
 from lowbit.transforms.rotation import orthogonal
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codebook_layers import hessians  # noqa: E402
+from layer_screen import layers, parser, write  # noqa: E402
 
 SPECS = ("int2-g16-s8", "int3-g128", "nf3-g128", "nf3-g64-s8", "int4-g128", "nf4-g64-s8")
 SIDES = ("plain", "input", "both")
@@ -52,18 +47,11 @@ def solve(w: torch.Tensor, h: torch.Tensor, spec: str, side: str, seed: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--blocks", default="3,15")
-    ap.add_argument("--windows", type=int, default=32, help="C4 calibration windows of 512 tokens")
+    ap = parser(__doc__, "online_rotation_layers.json")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "online_rotation_layers.json")
     args = ap.parse_args()
-    loaded = lowbit.load_model(args.model)
-    calib = calibration_data(loaded.tokenizer, "c4", nsamples=args.windows, seqlen=512)
     rows = []
-    for (b, name), h in hessians(loaded.model, calib, [int(b) for b in args.blocks.split(",")]).items():
-        w = loaded.model.model.layers[b].get_submodule(name).weight.detach()
+    for b, name, w, h in layers(args):
         row = {"block": b, "layer": name, "shape": list(w.shape)}
         for spec in SPECS:
             row[spec] = {side: solve(w, h, spec, side, args.seed) for side in SIDES}
@@ -82,22 +70,10 @@ def main() -> None:
                 "max": max(every),
                 "by_layer_geomean": {k: statistics.geometric_mean(v) for k, v in ratios.items()},
             }
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": datetime.date.today().isoformat(),
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                "model": args.model,
-                "rows": rows,
-                "error_vs_plain": summary,
-            },
-            indent=1,
-        )
-    )
+    write(args, rows, error_vs_plain=summary)
     for k, v in summary.items():
-        layers = ", ".join(f"{n.split('.')[-1]} {x:.3f}" for n, x in v["by_layer_geomean"].items())
-        print(f"{k}: x{v['geomean']:.3f} ({v['min']:.3f} .. {v['max']:.3f}); {layers}")
+        by_layer = ", ".join(f"{n.split('.')[-1]} {x:.3f}" for n, x in v["by_layer_geomean"].items())
+        print(f"{k}: x{v['geomean']:.3f} ({v['min']:.3f} .. {v['max']:.3f}); {by_layer}")
 
 
 if __name__ == "__main__":

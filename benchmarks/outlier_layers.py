@@ -16,26 +16,21 @@ fits the group scales without them and keeps them exact. It lives in this script
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import math
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-import lowbit
-from lowbit.data.windows import calibration_data
 from lowbit.formats import Format
 from lowbit.keep import parse_format
 from lowbit.solvers import gptq_quantize
 from lowbit.solvers.gptq import _blocks, fit_clipped, inverse_hessian_factor, relative_output_error
 
 sys.path.insert(0, str(Path(__file__).parent))
-from codebook_layers import hessians  # noqa: E402
+from layer_screen import layers, parser, write  # noqa: E402
 
 PLAIN = ("int2-g32-s8", "int2-g16-s8", "nf3-g128", "nf3-g64-s8", "nf3-g32-s8", "nf4-g64-s8", "int5-g64-s8")
 OUTLIERS = (
@@ -101,17 +96,9 @@ def on_the_line(bpw: float, plain: dict[str, dict]) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--blocks", default="3,15")
-    ap.add_argument("--windows", type=int, default=32, help="C4 calibration windows of 512 tokens")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "outlier_layers.json")
-    args = ap.parse_args()
-    loaded = lowbit.load_model(args.model)
-    calib = calibration_data(loaded.tokenizer, "c4", nsamples=args.windows, seqlen=512)
+    args = parser(__doc__, "outlier_layers.json").parse_args()
     rows = []
-    for (b, name), h in hessians(loaded.model, calib, [int(b) for b in args.blocks.split(",")]).items():
-        w = loaded.model.model.layers[b].get_submodule(name).weight.detach()
+    for b, name, w, h in layers(args):
         plain = {}
         for spec in PLAIN:
             fmt = parse_format(spec)
@@ -143,21 +130,7 @@ def main() -> None:
             "error_vs_plain_line_geomean": statistics.geometric_mean(lined) if lined else None,
             "error_vs_plain_line_min_max": [min(lined), max(lined)] if lined else None,
         }
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": datetime.date.today().isoformat(),
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                "model": args.model,
-                "bits_per_outlier": BITS_PER_OUTLIER,
-                "bits_per_row": BITS_PER_ROW,
-                "rows": rows,
-                "summary": summary,
-            },
-            indent=1,
-        )
-    )
+    write(args, rows, bits_per_outlier=BITS_PER_OUTLIER, bits_per_row=BITS_PER_ROW, summary=summary)
     for key, v in summary.items():
         line = v["error_vs_plain_line_geomean"]
         print(

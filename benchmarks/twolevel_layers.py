@@ -10,18 +10,12 @@ screen before end-to-end runs, which judge by KL.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from codebook_layers import screen_layers  # noqa: E402
+from layer_screen import parser, screen_formats, write  # noqa: E402
 
 SPECS = (
     "int2-g64", "int2-g32", "int2-g32-s8", "int2-g16-s8",
@@ -43,30 +37,12 @@ PAIRS = (
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--blocks", default="3,15")
-    ap.add_argument("--windows", type=int, default=32, help="C4 calibration windows of 512 tokens")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "twolevel_layers.json")
-    args = ap.parse_args()
-    rows = screen_layers(args.model, args.windows, args.blocks, list(SPECS))
+    args = parser(__doc__, "twolevel_layers.json").parse_args()
+    rows = screen_formats(args, list(SPECS))
     ratios = {f"{a}/{b}": [r[a]["error"] / r[b]["error"] for r in rows] for a, b in PAIRS}
     summary = {k: {"min": min(v), "max": max(v), "geomean": statistics.geometric_mean(v)} for k, v in ratios.items()}
     vs_g128 = {s: statistics.geometric_mean([r[s]["error"] / r["int3-g128"]["error"] for r in rows]) for s in SPECS}
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": datetime.date.today().isoformat(),
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                "model": args.model,
-                "rows": rows,
-                "error_ratios": summary,
-                "error_vs_int3_g128_geomean": vs_g128,
-            },
-            indent=1,
-        )
-    )
+    write(args, rows, error_ratios=summary, error_vs_int3_g128_geomean=vs_g128)
     for k, v in summary.items():
         print(f"{k}: {v['min']:.4f} .. {v['max']:.4f} (geomean {v['geomean']:.4f})")
     for s, v in vs_g128.items():
