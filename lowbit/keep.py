@@ -6,7 +6,8 @@ first matching rule wins. Formats: `8bit`, `int4`, `int4-g64`, `int3-g128-sym`,
 `int8-gch` (per channel), `int3-g32-s8` (8-bit scale codes on a float16 step per row), a
 level grid (`nf4-g64`, `nf3-g128`, `fp4-g32`, `iq4nl-g32`, `nf3-g32-s8`), a per-row fitted
 codebook (`cb3`: 2 to 4 bits), or a llama.cpp type lowbit writes (`q2_k` ... `q8_0`,
-lowbit.formats.ggml); the group defaults to the run's --group-size.
+lowbit.formats.ggml); the group defaults to the run's --group-size. Any of them with `-rot`
+(`int3-g128-rot`, `nf3-g64-s8-rot`) turns the layer's inputs at run time (formats.rotated).
 """
 
 from __future__ import annotations
@@ -16,12 +17,21 @@ import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-from lowbit.formats import CodebookFormat, Format, IntFormat, LevelFormat, TwoLevelFormat, TwoLevelGridFormat
+from lowbit.formats import (
+    CodebookFormat,
+    Format,
+    IntFormat,
+    LevelFormat,
+    RotatedFormat,
+    TwoLevelFormat,
+    TwoLevelGridFormat,
+)
 from lowbit.formats.ggml import GGML_TYPES, ggml_type_named
 from lowbit.formats.levels import GRIDS
 
 _FORMAT = re.compile(r"^(?:int)?([2-8])(?:bits?)?(?:[-_]?g(\d+|ch))?(?:[-_]?(sym|asym))?(?:[-_]?s(\d+))?$")
 _CODEBOOK = re.compile(r"^cb(\d+)$")
+_ROTATED = re.compile(r"^(.+)-rot(\d*)$")
 _GRID = re.compile(rf"^({'|'.join(GRIDS)})(?:[-_]?g(\d+|ch))?(?:[-_]?s(\d+))?$")
 
 
@@ -32,6 +42,10 @@ class KeepRule:
 
 
 def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = False, option: str = "--keep") -> Format:
+    turned = _ROTATED.match(spec.strip().lower())
+    if turned:  # int3-g128-rot: the base format on inputs turned at run time (seed 0, or -rot1 ...)
+        base, seed = turned.groups()
+        return RotatedFormat(parse_format(base, group_size, symmetric, option), int(seed or 0))
     ggml = ggml_type_named(spec)
     if ggml is not None:  # llama.cpp's names: q4_0, iq4_nl, q4_k ...
         return ggml.fmt
@@ -48,7 +62,8 @@ def parse_format(spec: str, group_size: int | None = 128, symmetric: bool = Fals
     m = _FORMAT.match(spec.strip().lower())
     if not m:
         raise LowbitError(
-            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym, int3-g32-s8, nf4-g64, cb3 "
+            f"unknown format {spec!r} in {option}; write e.g. 8bit, int4-g64, int3-g128-sym, int3-g32-s8, nf4-g64, "
+            "cb3, int3-g128-rot "
             f"(level grids: {', '.join(GRIDS)}) or a llama.cpp type "
             f"({', '.join(t.name.lower() for t in GGML_TYPES)})"
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.errors import FormatError
-from lowbit.formats import Format, IntFormat
+from lowbit.formats import Format, IntFormat, RotatedFormat
 from lowbit.formats.ggml import GGML_TYPES, ggml_type
 
 
@@ -66,6 +66,12 @@ class Target:
 
     def check(self, fmt: Format, where: str) -> None:
         """Refuse a format the target cannot hold, naming where it was asked for and what would do."""
+        if isinstance(fmt, RotatedFormat):
+            raise FormatError(
+                f"{where}: {fmt.name} turns the layer's inputs at run time (an online rotation), which "
+                f"{self.name}'s engines cannot do; quantize without -rot formats, e.g. with "
+                f"{self.label(self.nearest(fmt.base))}"
+            )
         if not self.holds(fmt):
             raise FormatError(
                 f"{where}: {fmt.name} cannot be written to {self.name}; the nearest format it holds is "

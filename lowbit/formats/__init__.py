@@ -14,14 +14,25 @@ from lowbit.formats.floatmin import MinFormat
 from lowbit.formats.integer import IntFormat, QuantizedTensor
 from lowbit.formats.kquants import KQuantFormat
 from lowbit.formats.levels import LevelFormat
+from lowbit.formats.rotated import RotatedFormat, RotatedTensor
 from lowbit.formats.twolevel import TwoLevelFormat, TwoLevelGridFormat
 
 FORMATS: dict[str, type] = {
     f.kind: f
-    for f in (IntFormat, LevelFormat, MinFormat, KQuantFormat, CodebookFormat, TwoLevelFormat, TwoLevelGridFormat)
+    for f in (
+        IntFormat,
+        LevelFormat,
+        MinFormat,
+        KQuantFormat,
+        CodebookFormat,
+        TwoLevelFormat,
+        TwoLevelGridFormat,
+        RotatedFormat,
+    )
 }
 
-Format = IntFormat  # every kind derives from it (geometry, fit/quantize/dequantize, packed buffers)
+Format = IntFormat  # every kind derives from it (geometry, fit/quantize/dequantize, packed buffers), but
+# RotatedFormat, which wraps one and answers for its geometry and whole tensors
 
 
 def format_from_dict(d: dict[str, Any]) -> Format:
@@ -29,6 +40,8 @@ def format_from_dict(d: dict[str, Any]) -> Format:
     kind = d.pop("kind", None)
     if kind not in FORMATS:
         raise FormatError(f"unknown format kind {kind!r}; known kinds: {sorted(FORMATS)}")
+    if kind == RotatedFormat.kind:  # a wrapper: its base is a format of its own
+        return RotatedFormat(format_from_dict(d.pop("base")), **d)
     return FORMATS[kind](**d)
 
 
@@ -41,6 +54,8 @@ __all__ = [
     "LevelFormat",
     "MinFormat",
     "QuantizedTensor",
+    "RotatedFormat",
+    "RotatedTensor",
     "TwoLevelFormat",
     "TwoLevelGridFormat",
     "format_from_dict",

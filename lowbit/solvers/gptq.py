@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats import Format, QuantizedTensor
+from lowbit.formats import Format, QuantizedTensor, RotatedFormat
 from lowbit.formats.codebook import CodebookTensor
 from lowbit.formats.kquants import span_sum
 
@@ -181,7 +181,15 @@ def gptq_quantize(
     `clip_search` fits group parameters by `fit_clipped` instead of the full range;
     `scale_refit` re-solves the scales for the final codes (`refit_scales`). Both need
     only the format's fit/quantize/dequantize and a scale-linear dequantization.
+
+    A rotated format (an online rotation of the inputs) is solved in its basis, W Q against
+    Qᵀ H Q, on its base format's grid; the output error is the same in either basis.
     """
+    if isinstance(fmt, RotatedFormat):
+        w_q, h_q = fmt.to_basis(weight.detach().to(hessian.dtype), hessian.detach())
+        options = dict(block_size=block_size, percdamp=percdamp, act_order=act_order, max_percdamp=max_percdamp)
+        res = gptq_quantize(w_q, h_q, fmt.base, **options, name=name, clip_search=clip_search, scale_refit=scale_refit)
+        return GPTQResult(fmt.wrap(res.qt), res.damp, res.error)
     dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
     h = hessian.detach().to(dtype).clone()

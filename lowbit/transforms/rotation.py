@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from scipy.linalg import hadamard
 from torch import nn
 
 from lowbit.errors import UnsupportedArchitectureError
 from lowbit.models.adapters import decoder_blocks, get_adapter
+from lowbit.orthogonal import orthogonal
 
 # Model types whose blocks are pre-norm RMSNorm -> (q, k, v) -> o and RMSNorm -> (gate, up) -> down.
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
@@ -56,19 +56,6 @@ class Rotation:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def orthogonal(width: int, seed: int = 0) -> torch.Tensor:
-    """A random orthogonal [width, width] float64 matrix that mixes every input into every output."""
-    power = width & -width  # largest power of two dividing width
-    rest = width // power
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.from_numpy(hadamard(power).astype("float64")) / power**0.5
-    if rest > 1:
-        q, r = torch.linalg.qr(torch.randn(rest, rest, generator=gen, dtype=torch.float64))
-        h = torch.kron((q * torch.sign(torch.diagonal(r))).contiguous(), h.contiguous())  # Haar-distributed factor
-    signs = torch.randint(0, 2, (width,), generator=gen).to(torch.float64) * 2 - 1
-    return signs[:, None] * h
 
 
 def check_rotatable(model: nn.Module) -> None:
