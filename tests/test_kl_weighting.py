@@ -332,3 +332,58 @@ def test_the_weighting_probes_score_fewer_positions_than_the_table_probe(monkeyp
     assert kl_probe.WEIGHTING_PROBE_TOKENS < kl_probe.PROBE_TOKENS
     weighting, table = kl_probe.WEIGHTING_PROBE_TOKENS // 128, kl_probe.PROBE_TOKENS // 128
     assert walked == [(weighting, 128), (weighting, 128), (table, 128)]
+
+
+def _same_file(a: Measurements, b: Measurements) -> None:
+    assert a.candidates == b.candidates and a.layers.keys() == b.layers.keys()
+    for name, rec in a.layers.items():
+        assert rec["costs"] == b.layers[name]["costs"]
+        assert rec["errors"] == pytest.approx(b.layers[name]["errors"], rel=1e-9)
+    assert a.kl_scale.keys() == b.kl_scale.keys()
+    for role, scale in a.kl_scale.items():
+        assert scale == pytest.approx(b.kl_scale[role], rel=1e-6)
+    assert a.kl_layer.keys() == b.kl_layer.keys()
+    assert all(f == pytest.approx(b.kl_layer[n], rel=1e-6) for n, f in a.kl_layer.items())
+
+
+@pytest.mark.parametrize(
+    "added",
+    [
+        [IntFormat(3, 32, scale_dtype="bfloat16"), IntFormat(2, 32, True)],  # the probes keep their candidates
+        [IntFormat(3, 128)],  # a wider 3-bit group: the probes change candidate and run again
+        [IntFormat(4, 32)],  # a new width: probed again
+    ],
+)
+def test_a_file_is_extended_by_candidates_added_to_its_end_as_one_pass_over_all_would_measure_them(
+    tmp_path, monkeypatch, added
+):
+    """Adding candidates measures only the new ones (the old ones are never solved again), and the
+    file then holds what a fresh pass over every candidate does, the KL calibration included."""
+    model = make_tiny_model("llama")
+    path = tmp_path / "m.json"
+    lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=path, **KW)
+    more = {**KW, "candidates": CANDIDATES + added}
+    measured = []  # the candidates of each measurement pass (the layer probe's own solves are apart)
+    sensitivity = importlib.import_module("lowbit.allocate.sensitivity")
+    real = sensitivity.measure
+
+    def recorded(model, adapter, layers, candidates, *args, **kwargs):
+        measured.append(candidates)
+        return real(model, adapter, layers, candidates, *args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "measure", recorded)
+    q = lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=path, **more)
+    assert measured == [added]
+    assert not q.lowbit_info.settings["budget"]["measurements_reused"]
+    monkeypatch.undo()
+    lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, weighting="kl", measurements=tmp_path / "all.json", **more)
+    _same_file(Measurements.load(path), Measurements.load(tmp_path / "all.json"))
+
+
+def test_a_file_whose_candidates_are_not_the_start_of_the_new_list_is_refused(tmp_path):
+    model = make_tiny_model("llama")
+    path = tmp_path / "m.json"
+    lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, measurements=path, **KW)
+    reordered = {**KW, "candidates": [IntFormat(4, 32), *CANDIDATES]}
+    with pytest.raises(LowbitError, match="cover other candidate formats.*add to its end"):
+        lowbit.quantize(copy.deepcopy(model), budget_bpw=3.5, measurements=path, **reordered)

@@ -32,7 +32,6 @@ inputs; a rounded head needs no stream, only the float model's last outputs.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.allocate.sensitivity import layer_probe_candidate, layer_role, probe_rank
+from lowbit.allocate.sensitivity import layer_probe_candidate, layer_role, role_probe_candidates
 from lowbit.eval.metrics import evaluate_windows
 from lowbit.eval.reference import build_reference, replayed
 from lowbit.formats import Format
@@ -222,19 +221,10 @@ def probe_roles(
     will. Round-to-nearest at 2 bits is far worse than GPTQ's (smollm2: KLD 9.6 against 1.8)
     and would measure KL in a regime no plan reaches."""
     windows = probe_windows(windows, WEIGHTING_PROBE_TOKENS)
-    linears = list(errors)
     roles: dict[str, list[str]] = {}
-    for n in linears:
+    for n in errors:
         roles.setdefault(layer_role(n), []).append(n)
-    widths: dict[str, dict[int, int]] = {}  # role -> bits -> the candidate probed for them
-    for role, names in roles.items():
-        widths[role] = {}
-        for j, fmt in enumerate(candidates):
-            if any(math.isinf(errors[n][j]) for n in names):  # not a choice for this role (rows of 256)
-                continue
-            k = widths[role].get(fmt.bits)
-            if k is None or probe_rank(fmt) < probe_rank(candidates[k]):
-                widths[role][fmt.bits] = j
+    widths = role_probe_candidates(errors, candidates)  # role -> bits -> the candidate probed for them
     streams = [(role, bits, j) for role, row in widths.items() for bits, j in row.items()]
     batch = len(windows)  # one batch: each layer is rounded once per candidate
     reference = build_reference(model, windows, batch, progress=False)  # block by block when lazy

@@ -55,6 +55,25 @@ def layer_probe_candidate(errors: list[float | None], candidates: list[Format]) 
     return min(held, key=lambda j: probe_rank(candidates[j]))
 
 
+def role_probe_candidates(errors: Mapping[str, list[float]], candidates: list[Format]) -> dict[str, dict[int, int]]:
+    """The candidates the role probes (allocate.kl_probe.probe_roles) perturb each layer role with:
+    role -> bits -> candidate index, one per width that every layer of the role can hold (`errors`:
+    layer -> per candidate, inf where it cannot), the first of the least `probe_rank`."""
+    roles: dict[str, list[str]] = {}
+    for n in errors:
+        roles.setdefault(layer_role(n), []).append(n)
+    widths: dict[str, dict[int, int]] = {}
+    for role, names in roles.items():
+        widths[role] = {}
+        for j, fmt in enumerate(candidates):
+            if any(math.isinf(errors[n][j]) for n in names):  # not a choice for this role (rows of 256)
+                continue
+            k = widths[role].get(fmt.bits)
+            if k is None or probe_rank(fmt) < probe_rank(candidates[k]):
+                widths[role][fmt.bits] = j
+    return widths
+
+
 def probe_rank(fmt: Format) -> tuple:
     """Which format of a width the probes perturb a layer with (the least first): a grid with
     scales before a fitted codebook (whose error a probe's round-to-nearest would not match),
@@ -170,7 +189,48 @@ class Measurements:
                 "use the same calibration or measure again"
             )
         if self.candidates != candidates:
-            raise MeasurementMismatchError(f"the measurements{where} cover other candidate formats; measure again")
+            raise MeasurementMismatchError(
+                f"the measurements{where} cover other candidate formats; measure again (a file is extended, "
+                "measuring only the new formats, when the candidates keep its list and add to its end)"
+            )
+
+    def extended_by(self, more: Measurements) -> Measurements:
+        """These measurements with `more`'s candidates after their own (`more`: a pass over only
+        those, on the same model, calibration and settings). The errors are what one pass over all
+        of them would find: each candidate is solved alone against the same float Hessian. The KL
+        calibration carries over only where one pass would have probed the same candidates (the
+        new ones take the factor of their width); otherwise it is dropped, to be probed again."""
+        if set(more.layers) != set(self.layers):
+            raise MeasurementMismatchError("the extending pass measured other layers; measure again")
+        layers = {
+            name: {
+                **rec,
+                "costs": rec["costs"] + more.layers[name]["costs"],
+                "errors": rec["errors"] + more.layers[name]["errors"],
+            }
+            for name, rec in self.layers.items()
+        }
+        merged = replace(self, candidates=self.candidates + more.candidates, layers=layers, kl_scale={}, kl_layer={})
+        merged.seconds, merged.bank, merged.probe_bank = more.seconds, None, None
+        old = [format_from_dict(c) for c in self.candidates]
+        new = [format_from_dict(c) for c in merged.candidates]
+        if self.kl_scale:
+            before = {n: self.weighted_errors(n, "relative") for n in self.layers}
+            after = {n: merged.weighted_errors(n, "relative") for n in layers}
+            probed = role_probe_candidates(before, old)
+            if probed == role_probe_candidates(after, new):
+                merged.kl_scale = {
+                    role: scale
+                    + [scale[probed[role][f.bits]] if f.bits in probed.get(role, {}) else 1.0 for f in new[len(old) :]]
+                    for role, scale in self.kl_scale.items()
+                }
+        same_layer_probe = all(
+            layer_probe_candidate(rec["errors"], old) == layer_probe_candidate(layers[n]["errors"], new)
+            for n, rec in self.layers.items()
+        )
+        if merged.kl_scale and same_layer_probe:
+            merged.kl_layer = dict(self.kl_layer)
+        return merged
 
 
 class StoredProbeBank(Mapping[str, torch.Tensor]):
@@ -396,6 +456,18 @@ def measure(
     return result
 
 
+def _extendable(meas: Measurements, model: str, calibration: str, candidates: list[dict], settings: dict) -> bool:
+    """Whether `meas` is this model's, calibration's and solver's, its candidates the start of `candidates`."""
+    n = len(meas.candidates)
+    return (
+        meas.model == model
+        and meas.calibration == calibration
+        and meas.settings == settings
+        and n < len(candidates)
+        and candidates[:n] == meas.candidates
+    )
+
+
 def pareto_front(costs: list[int], errors: list[float]) -> list[int]:
     """Candidate indices, cheapest first, each strictly more accurate than every cheaper one
     (candidates the layer cannot hold, cost None, left out)."""
@@ -441,6 +513,16 @@ def measurements_for(
     path = Path(path) if path is not None else None
     if path is not None and path.exists():
         meas = Measurements.load(path)
+        if not keep_weights and _extendable(meas, *key, (settings or GPTQSettings()).solver_options()):
+            added = candidates[len(meas.candidates) :]
+            logger.info("extending %s: measuring the %d candidates it does not hold", path, len(added))
+            more = measure(
+                model, adapter, layers, added, windows, settings, progress, False, checkpoint_dir, resume,
+                on_block_done, device, offload,
+            )  # fmt: skip
+            meas = meas.extended_by(more)
+            meas.save(path)
+            return meas, False
         meas.check_matches(*key, path=str(path))
         if not keep_weights:
             if keep_probe and checkpoint_dir is not None and not meas.kl_layer:
