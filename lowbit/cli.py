@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--format",
         help="every layer in one named format, for grids --bits cannot name: a llama.cpp type (q2_k, q3_k, "
-        "q4_0, iq4_nl, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0) or lowbit's int4-g64 / int3-g128-sym",
+        "q4_0, iq4_nl, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0) or lowbit's int4-g64 / int3-g128-sym / nf3-g64-s8; "
+        "any with -rot (int3-g128-rot) turns the layer's inputs at run time, in lowbit's runtime only",
     )
     q.add_argument("--bpw", help="average budget in bits per weight, 2..8 (the same as --bits with a decimal)")
     q.add_argument(
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--measurements",
         help="budget runs: JSON file of per-layer errors; written by the first run, reused by later ones "
-        "(same model, calibration and candidates) so a new budget plans in seconds",
+        "(same model, calibration and candidates) so a new budget plans in seconds; candidates added to the "
+        "end of its list are measured alone and added to it",
     )
     q.add_argument(
         "--allocator",
