@@ -1,5 +1,5 @@
 """Issue 15's one table: each transform (none, activation-aware scaling, the residual rotation
-R1, R1 with the per-head R2, float targets) against uniform 3- and 4-bit and the budgets 3.0,
+R1, R1 with the per-head R2, online rotations, float targets) against uniform 3- and 4-bit and the budgets 3.0,
 3.5 and 4.25 bpw, on smollm2-135m, quick protocol. It runs nothing: every cell is a row of a
 results file that another script wrote (named in the cell's source), so the table can be
 rebuilt whenever one of them is rerun.
@@ -75,6 +75,15 @@ CELLS = (
             "--bits 3.0": ("rotation.json", "b3.0", "rotated"),
             "--bits 3.5": ("rotation.json", "b3.5", "rotated"),
             "--bits 4.25": ("rotation.json", "b4.25", "rotated"),
+        },
+    ),
+    (
+        "online rotation (`-rot` formats)",
+        "today's 19 + 7 `-rot`",
+        {
+            "int3 g128": ("online_rotation.json", "u-int3-g128-rot", None),
+            "--bits 3.0": ("online_rotation.json", "b3.0-kl-upgrade-rot", None),
+            "--bits 3.5": ("online_rotation.json", "b3.5-kl-upgrade-rot", None),
         },
     ),
     ("R1 + R2 (`lowbit rotate --heads`)", "", {"int3 g128": ("rotation_heads.json", "u-int3g128", "rotated")}),
