@@ -82,6 +82,7 @@ CELLS = (
         "today's 19 + 7 `-rot`",
         {
             "int3 g128": ("online_rotation.json", "u-int3-g128-rot", None),
+            "--bits 3.0": ("online_rotation.json", "b3.0-kl-upgrade-rot", None),
             "--bits 3.5": ("online_rotation.json", "b3.5-kl-upgrade-rot", None),
         },
     ),
