@@ -11,17 +11,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
+from statistics import geometric_mean as geomean
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from lowbit.formats import RotatedFormat, format_from_dict  # noqa: E402
-
-
-def geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+from lowbit.formats import RotatedFormat, format_from_dict
 
 
 def main() -> None:

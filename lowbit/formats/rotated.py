@@ -37,7 +37,6 @@ class RotatedFormat:
     seed: int = 0
 
     kind: ClassVar[str] = "rot"
-    fits_by_importance: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.base, RotatedFormat):
@@ -99,7 +98,7 @@ class RotatedFormat:
         turned = q.right(weight)
         if hessian is None:
             return turned, None
-        return turned, q.right(q.right(hessian).transpose(0, 1)).transpose(0, 1).contiguous()
+        return turned, q.right(q.right(hessian).T)  # (H Q)ᵀ Q = Qᵀ H Q, H symmetric
 
     def wrap(self, qt) -> RotatedTensor:
         return RotatedTensor(self, qt)
